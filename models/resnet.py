@@ -1,0 +1,67 @@
+"""ResNet family (He et al., 2016, "Deep Residual Learning"), sized for small images such as 28x28."""
+from __future__ import annotations
+
+from torch import nn
+
+from . import register
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A 3x3 stem (no max-pool: 28x28 inputs are already small), then stages of BasicBlocks."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...], blocks: tuple[int, ...],
+                 strides: tuple[int, ...]):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages, cin = [], widths[0]
+        for width, count, stride in zip(widths, blocks, strides):
+            layers = []
+            for i in range(count):
+                layers.append(BasicBlock(cin, width, stride if i == 0 else 1))
+                cin = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _resnet18(in_channels: int, num_classes: int, width: float) -> ResNet:
+    widths = tuple(int(c * width) for c in (64, 128, 256, 512))
+    return ResNet(in_channels, num_classes, widths, (2, 2, 2, 2), (1, 2, 2, 2))
+
+
+register("resnet18", "resnet", "ResNet-18 (2-2-2-2 BasicBlocks, 64-512 channels), 11.2M parameters", width=1.0)(_resnet18)
+register("resnet18_half", "resnet", "ResNet-18 layout at half width (32-256 channels), 2.8M parameters; "
+         "the default teacher", width=0.5)(_resnet18)
+
+
+def _slim_resnet(in_channels: int, num_classes: int, width: float) -> ResNet:
+    widths = tuple(max(8, int(round(c * width / 8)) * 8) for c in (16, 32, 64))
+    return ResNet(in_channels, num_classes, widths, (1, 1, 1), (1, 2, 2))
+
+
+for _name, _width in (("resnet_slim_050", 0.5), ("resnet_slim_100", 1.0), ("resnet_slim_200", 2.0)):
+    register(_name, "resnet_slim", f"slim ResNet-8, channels 16-32-64 x {_width}", width=_width)(_slim_resnet)
