@@ -1,0 +1,159 @@
+"""Loading users' models and checkpoints without running code they did not name.
+
+Checkpoints go through torch.load(weights_only=True): a pickle that needs anything beyond tensors and
+plain containers is refused. Python code runs only from a `file.py:factory` the user named; TorchScript
+only from a file the user named.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgecompress.errors import BadInput
+
+from . import ZOO, Normalized, create
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A state dict from a checkpoint file (a bare state dict, or a dict holding one under `state_dict`,
+    optionally beside a `meta` dict such as the shipped zoo weights carry), and that meta dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise BadInput(f"{path} was refused: it needs arbitrary unpickling ({first[:160]}); "
+                       "save a plain state dict with torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); "
+                       "save one with torch.save(model.state_dict(), path)") from None
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise BadInput(f"{path} is not a state dict (a mapping of names to tensors); "
+                       "save one with torch.save(model.state_dict(), path)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}, meta
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    missing, unexpected = [], []
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"shape mismatch in {shapes[0]}: {tuple(state[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}")
+        raise BadInput(f"weights {source} do not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Build a model from `path/to/file.py:factory`: the one place where user Python code runs."""
+    file, _, name = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise BadInput(f"model file not found: {file} (from {spec})")
+    module_name = f"edgecompress_user_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # user code: any failure is the user's input error
+        raise BadInput(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise BadInput(f"{file} has no callable {name!r}")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise BadInput(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def is_factory_spec(spec: str) -> bool:
+    file, sep, name = spec.rpartition(":")
+    return bool(sep) and file.endswith(".py") and name.isidentifier()
+
+
+def is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def build_model(spec: str, weights: str, in_channels: int, num_classes: int,
+                mean: list[float], std: list[float], role: str) -> tuple[nn.Module, dict]:
+    """A model taking [0, 1] pixels, from a zoo name, a TorchScript file or `file.py:factory` (+ weights).
+
+    Returns the model in eval mode and a description of where it came from.
+    """
+    info = {"spec": spec, "weights": weights, "mean": mean, "std": std}
+    if spec in ZOO:
+        net = create(spec, in_channels, num_classes)
+        info["kind"] = "zoo"
+    elif is_factory_spec(spec):
+        net = load_factory(spec)
+        info["kind"] = "factory"
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise BadInput(f"--{role} {spec!r} is neither a zoo model ({', '.join(sorted(ZOO))}), "
+                           "nor an existing file, nor path/to/file.py:factory")
+        if not is_torchscript(path):
+            raise BadInput(f"--{role} {spec} is not a TorchScript file; if it is a state dict, give the "
+                           f"architecture as --{role} (zoo name or file.py:factory) and this file as --{role}-weights")
+        if weights:
+            raise BadInput(f"--{role}-weights is for zoo and factory models; a TorchScript file carries its weights")
+        try:
+            net = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # a damaged TorchScript archive raises many kinds of error
+            raise BadInput(f"cannot load TorchScript {path}: {str(exc).splitlines()[0][:160]}") from None
+        info["kind"] = "torchscript"
+        return Normalized(net, mean, std).eval(), info
+    if weights:
+        state, meta = read_checkpoint(weights)
+        apply_state_dict(net, state, weights)
+        if "mean" in meta and "std" in meta:  # weights trained by edgecompress know their normalisation
+            info.update(mean=meta["mean"], std=meta["std"], trained_with=meta.get("command", ""))
+            mean, std = meta["mean"], meta["std"]
+    return Normalized(net, mean, std).eval(), info
+
+
+def shipped_weights(name: str, data: str) -> Path | None:
+    path = WEIGHTS_DIR / f"{name}-{data}.pt"
+    return path if path.is_file() else None
+
+
+def load_teacher(spec: str, weights: str, data_name: str, in_channels: int, num_classes: int,
+                 mean: list[float], std: list[float]) -> tuple[nn.Module, dict]:
+    """The teacher, with the shipped zoo weights when no weights are given and some exist for this data."""
+    if spec in ZOO and not weights:
+        shipped = shipped_weights(spec, data_name)
+        if shipped is None:
+            raise BadInput(f"zoo teacher {spec} has no shipped weights for data {data_name!r}: pass --teacher-weights "
+                           f"CKPT, or train one with `python -m edgecompress.models.train_teacher {spec} --data ...`")
+        return build_model(spec, str(shipped), in_channels, num_classes, mean, std, "teacher")
+    return build_model(spec, weights, in_channels, num_classes, mean, std, "teacher")

@@ -1,0 +1,163 @@
+"""The command line: it only builds a RunConfig and calls the library."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from . import config as cfg
+from .errors import EdgeError, StageFailed
+
+DEFAULTS = cfg.RunConfig()
+
+
+def common(f):
+    f = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bars or stage messages.")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="edgecompress")
+def cli():
+    """Distil a large PyTorch teacher into a small student, quantize it to int8, export it for a device
+    target and verify it against the teacher, in one run directory."""
+
+
+@cli.command()
+@click.option("--teacher", default=DEFAULTS.teacher.spec, show_default=True,
+              help="Teacher: a zoo name, a TorchScript file, or path/to/file.py:factory (runs that file's code).")
+@click.option("--teacher-weights", default="", metavar="CKPT",
+              help="State dict for a zoo or factory teacher, loaded with weights_only=True.  "
+                   "[default: shipped weights for zoo teachers on fashion-mnist]")
+@click.option("--student", default=DEFAULTS.distill.student, show_default=True,
+              help="Student: a zoo name (see `edgecompress models`) or path/to/file.py:factory.")
+@click.option("--data", default=DEFAULTS.data, show_default=True,
+              help="fashion-mnist, an image folder (one sub-folder per class), an .npz with x/y, or an IDX folder.")
+@click.option("--target", default=DEFAULTS.target, show_default=True,
+              help="Device target name (see `edgecompress targets`) or a target .toml file.")
+@click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory; every output is written inside it.")
+@click.option("--epochs", default=DEFAULTS.distill.epochs, show_default=True, type=int, help="Distillation epochs.")
+@click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int, help="Seed for splits, init and order.")
+@click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
+@common
+def compress(teacher, teacher_weights, student, data, target, out, epochs, seed, force, quiet, debug):
+    """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
+    from .compress import compress as run_all
+    from .runner import RunContext
+
+    config = cfg.RunConfig(data=data, target=target, seed=seed,
+                           teacher=cfg.TeacherConfig(teacher, teacher_weights),
+                           distill=cfg.DistillConfig(student=student, epochs=epochs)).resolve_paths().validate()
+    ctx = RunContext(out, config, quiet=quiet, force=force)
+    report = run_all(ctx)
+    _summarise(report, out, quiet)
+    if not report["budgets"]["passed"]:
+        raise StageFailed(f"budget missed for {report['target']}: {'; '.join(report['budgets']['failed'])} "
+                          f"(see {out / 'verify' / 'report.md'})")
+
+
+def _summarise(report: dict, out: Path, quiet: bool) -> None:
+    if quiet:
+        return
+    t, a = report["teacher"], report["artifact"]
+    click.echo(f"teacher top-1 {t['accuracy'] * 100:.2f}%  artifact top-1 {a['accuracy'] * 100:.2f}%  "
+               f"agreement {a['agreement'] * 100:.2f}%  speedup {report['speedup_vs_teacher']:.1f}x  "
+               f"size ratio {report['size_ratio']:.1f}x")
+    click.echo(f"report: {out / 'verify' / 'report.md'}")
+
+
+def _stage_command(name: str, summary: str):
+    @cli.command(name, help=f"{summary} in an existing run directory (made by `compress`).")
+    @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--force", is_flag=True, help="Rerun even when up to date.")
+    @common
+    def command(run_dir, force, quiet, debug):
+        from .compress import run_one
+        from .runner import RunContext, open_run
+
+        ctx = RunContext(run_dir, open_run(run_dir), quiet=quiet, force=force)
+        artifact = run_one(ctx, name)
+        if not quiet:
+            click.echo(str(artifact))
+
+    return command
+
+
+for _name, _summary in (("distill", "Distil the student"), ("quantize", "Quantize the distilled student to int8"),
+                        ("export", "Export the int8 model for the run's target"),
+                        ("verify", "Verify the artifact against the teacher")):
+    _stage_command(_name, _summary)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx):
+    """List the shipped device targets; `targets show NAME` prints one."""
+    if ctx.invoked_subcommand is None:
+        from edgecompress import targets as profiles
+
+        for name in profiles.names():
+            click.echo(f"{name:20s} {profiles.load(name).description}")
+
+
+@targets.command("show")
+@click.argument("name")
+def targets_show(name):
+    """Print a target profile (a shipped name or a .toml path), resolved."""
+    from edgecompress import targets as profiles
+
+    click.echo(json.dumps(profiles.load(name).to_dict(), indent=2))
+
+
+@cli.command()
+def models():
+    """List the model zoo."""
+    from edgecompress.models import ZOO
+
+    for entry in ZOO.values():
+        click.echo(f"{entry.name:20s} {entry.family:14s} {entry.description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        result = cli.main(args=argv, prog_name="edgecompress", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: show its help
+        click.echo(exc.ctx.get_help())
+        return 0
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "edgecompress"
+        click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except EdgeError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished stages and epochs are kept; rerun the same command to resume", err=True)
+        return 130
+    except Exception as exc:  # the last resort: one line, the traceback only on --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal failure: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The whole pipeline: distill -> quantize -> export -> verify, each skipped when up to date."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import distill, export, quantize, verify
+from .runner import RunContext, Stage, run_stage, write_run_toml
+
+STAGE_NAMES = ("distill", "quantize", "export", "verify")
+
+
+def stages(ctx: RunContext) -> dict[str, Stage]:
+    return {"distill": distill.STAGE, "quantize": quantize.STAGE, "export": export.stage(ctx), "verify": verify.STAGE}
+
+
+def check_inputs(ctx: RunContext) -> None:
+    """Fail fast on bad input, before any long work: target, data, teacher and student must fit together."""
+    ctx.target  # noqa: B018  (loading validates)
+    ctx.teacher  # noqa: B018  (loads the data too, and checks the teacher against it)
+    from .modelcheck import check_classifier
+
+    check_classifier(distill.build_student(ctx), ctx.data, "student")
+
+
+def compress(ctx: RunContext) -> dict:
+    """Run every stage; returns report.json's content."""
+    check_inputs(ctx)
+    write_run_toml(ctx)
+    for stage in stages(ctx).values():
+        artifact = run_stage(ctx, stage)
+    return json.loads(Path(artifact).read_text())
+
+
+def run_one(ctx: RunContext, name: str) -> Path:
+    """One stage against an existing run directory; its upstream stage must be finished."""
+    from .errors import BadInput
+    from .runner import is_done
+
+    all_stages = stages(ctx)
+    position = STAGE_NAMES.index(name)
+    if position > 0:
+        upstream = all_stages[STAGE_NAMES[position - 1]]
+        if not is_done(ctx, upstream):
+            raise BadInput(f"stage {name} needs {upstream.name} finished and up to date in {ctx.out}: "
+                           f"run `edgecompress {STAGE_NAMES[position - 1]} {ctx.out}` first")
+    return run_stage(ctx, all_stages[name])

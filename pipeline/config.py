@@ -1,0 +1,200 @@
+"""Run configuration as plain dataclasses; `run.toml` is their resolved form plus versions and host."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import platform
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInput
+
+
+@dataclass
+class TeacherConfig:
+    spec: str = "resnet18_half"  # zoo name, TorchScript file, or path/to/file.py:factory
+    weights: str = ""            # state dict for a zoo or factory teacher; zoo weights shipped for fashion-mnist
+
+
+@dataclass
+class DistillConfig:
+    student: str = "resnet_slim_200"  # zoo name or path/to/file.py:factory
+    method: str = "hinton"
+    temperature: float = 4.0          # Hinton et al. 2015 use T in [2, 20]; 4 is mdistiller's CIFAR default
+    alpha: float = 0.9                # weight of the KD term; 1 - alpha weighs cross-entropy on labels
+    epochs: int = 6
+    batch: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    precision: str = "auto"           # auto: bf16 autocast where the CPU has AVX-512 BF16 / AMX, CUDA when present
+
+
+@dataclass
+class QuantizeConfig:
+    calibration_method: str = "minmax"
+    calibration_size: int = 512
+
+
+@dataclass
+class VerifyConfig:
+    latency_runs_bs1: int = 300
+    latency_runs_batch: int = 30
+    warmup_runs: int = 20
+    eval_batch: int = 500
+
+
+@dataclass
+class RunConfig:
+    data: str = "fashion-mnist"
+    target: str = "x86-cpu"
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolve_paths(self) -> "RunConfig":
+        """Make file arguments absolute, so the one-stage subcommands work from any directory."""
+
+        def absolute(spec: str) -> str:
+            file, sep, name = spec.rpartition(":")
+            if sep and file.endswith(".py"):  # path/to/file.py:factory
+                return f"{Path(file).resolve()}:{name}" if Path(file).exists() else spec
+            reserved = spec == "fashion-mnist" or spec in _zoo_names()
+            return str(Path(spec).resolve()) if spec and not reserved and Path(spec).exists() else spec
+
+        self.data = absolute(self.data)
+        self.teacher.spec, self.teacher.weights = absolute(self.teacher.spec), absolute(self.teacher.weights)
+        self.distill.student = absolute(self.distill.student)
+        self.target = absolute(self.target) if self.target.endswith(".toml") else self.target
+        return self
+
+    def validate(self) -> "RunConfig":
+        d = self.distill
+        positive = {"--epochs": d.epochs, "distill.batch": d.batch, "quantize.calibration_size":
+                    self.quantize.calibration_size, "distill.lr": d.lr, "distill.temperature": d.temperature}
+        for name, value in positive.items():
+            if value <= 0:
+                raise BadInput(f"{name} must be > 0, got {value}")
+        if not 0.0 <= d.alpha <= 1.0:
+            raise BadInput(f"distill.alpha must be in [0, 1], got {d.alpha}")
+        if d.precision not in ("auto", "fp32", "bf16"):
+            raise BadInput(f"distill.precision must be auto, fp32 or bf16, got {d.precision!r}")
+        if self.quantize.calibration_method not in ("minmax", "entropy", "percentile"):
+            raise BadInput("quantize.calibration_method must be minmax, entropy or percentile, "
+                           f"got {self.quantize.calibration_method!r}")
+        return self
+
+
+def _zoo_names() -> set[str]:
+    from edgecompress.models import ZOO
+
+    return set(ZOO)
+
+
+def from_dict(raw: dict, where: str) -> RunConfig:
+    """Rebuild a RunConfig from run.toml's tables, refusing unknown keys with the nearest valid one."""
+
+    def build(cls, values: dict, prefix: str):
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise BadInput(f"{where}: unknown key {prefix}{key}{f' (did you mean {prefix}{hint[0]}?)' if hint else ''}")
+            sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+            kwargs[key] = build(sub, value, f"{prefix}{key}.") if dataclasses.is_dataclass(sub) else value
+        return cls(**kwargs)
+
+    raw = {k: v for k, v in raw.items() if k not in ("versions", "host", "splits")}
+    return build(RunConfig, raw, "").validate()
+
+
+def versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    from . import __version__
+
+    found = {"edgecompress": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    try:
+        import tensorrt
+
+        found["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        found["tensorrt"] = "not installed"
+    return found
+
+
+def host() -> dict:
+    info = {"machine": platform.machine(), "system": platform.system(), "cpu": platform.processor() or "unknown",
+            "cpu_flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and info["cpu"] in ("unknown", "", platform.machine()):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                                "amx_bf16", "amx_int8", "amx_tile", "fma"})
+            break
+    import os
+
+    info["cores"] = os.cpu_count()
+    return info
+
+
+def cpu_has_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(host()["cpu_flags"]))
+
+
+def to_toml(data: dict) -> str:
+    """TOML for nested dicts of str/int/float/bool and lists of them (all run.toml needs)."""
+
+    def scalar(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if v is None:
+            return '""'
+        return json.dumps(str(v))
+
+    lines, tables = [], []
+
+    def emit(table: dict, path: str) -> None:
+        for key, value in table.items():
+            if not isinstance(value, dict):
+                lines.append(f"{key} = {scalar(value)}")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                tables.append((f"{path}{key}", value))
+
+    emit(data, "")
+    while tables:
+        path, table = tables.pop(0)
+        lines.append(f"\n[{path}]")
+        emit(table, path + ".")
+    return "\n".join(lines) + "\n"
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path} not found: is {path.parent} a run directory made by `edgecompress compress`?") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BadInput(f"cannot read {path}: {exc}") from None

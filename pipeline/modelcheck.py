@@ -1,0 +1,25 @@
+"""Checks that a model fits the data before any long work starts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import data as datasets
+from .errors import BadInput
+
+
+def check_classifier(model: nn.Module, ds: datasets.Dataset, role: str) -> None:
+    """The model must take the data's images and give one logit per class."""
+    x = datasets.to_float(ds.x_eval[:2])
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    except Exception as exc:  # shape errors surface as RuntimeError, ValueError, TorchScript errors...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"the {role} cannot take the data's images of shape {tuple(x.shape[1:])}: {first}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BadInput(f"the {role} must return logits of shape (batch, classes), got {shape}")
+    if out.shape[1] != ds.num_classes:
+        raise BadInput(f"the {role} outputs {out.shape[1]} classes but data {ds.name} has {ds.num_classes}: "
+                       f"use a {role} trained on this data, or data with {out.shape[1]} classes")

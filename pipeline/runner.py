@@ -1,0 +1,150 @@
+"""Runs stages against a run directory, make-style: a stage whose done.json fingerprint matches is skipped.
+
+Each stage is a `Stage(name, run, inputs)`: `run(ctx) -> Path` writes only inside `ctx.stage_dir(name)` and
+returns its artifact; `inputs(ctx)` is the part of the config and the upstream artifacts it depends on.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Iterable
+
+import click
+
+from . import config as cfg
+from . import data as datasets
+from . import files
+from .errors import BadInput
+
+
+@dataclass
+class RunContext:
+    out: Path
+    config: cfg.RunConfig
+    quiet: bool = False
+    force: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def target(self):
+        from edgecompress import targets
+
+        return targets.load(self.config.target)
+
+    @cached_property
+    def data(self) -> datasets.Dataset:
+        return datasets.load(self.config.data, self.config.seed)
+
+    @cached_property
+    def data_stats(self) -> tuple[list[float], list[float]]:
+        return datasets.channel_stats(self.data.x_train)
+
+    @cached_property
+    def teacher(self):
+        """(model, info): the teacher in eval mode, taking [0, 1] pixels, checked against the data."""
+        from edgecompress.models.loaders import load_teacher
+
+        from .modelcheck import check_classifier
+
+        ds = self.data
+        model, info = load_teacher(self.config.teacher.spec, self.config.teacher.weights, ds.name,
+                                   ds.input_shape[0], ds.num_classes, *self.data_stats)
+        check_classifier(model, ds, "teacher")
+        return model, info
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.out / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+    def progress(self, items: Iterable, label: str, length: int | None = None):
+        """A progress bar on stderr, or the bare iterable when quiet or not on a terminal."""
+        if self.quiet or not sys.stderr.isatty():
+            return _NoBar(items)
+        return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
+
+
+class _NoBar:
+    def __init__(self, items):
+        self.items = items
+
+    def __enter__(self):
+        return self.items
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunContext], Path]
+    inputs: Callable[[RunContext], dict]
+
+
+def fingerprint(ctx: RunContext, stage: Stage) -> str:
+    deps = stage.inputs(ctx)
+    resolved = {k: (files.sha256(v) if isinstance(v, Path) else v) for k, v in deps.items()}
+    return files.sha256_json({"stage": stage.name, **resolved})
+
+
+def is_done(ctx: RunContext, stage: Stage, print_: str | None = None) -> bool:
+    done = ctx.out / stage.name / "done.json"
+    if not done.is_file():
+        return False
+    import json
+
+    try:
+        record = json.loads(done.read_text())
+        artifact = ctx.out / record["artifact"]
+        return (record["fingerprint"] == (print_ or fingerprint(ctx, stage)) and artifact.is_file()
+                and files.sha256(artifact) == record["sha256"])
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def run_stage(ctx: RunContext, stage: Stage) -> Path:
+    print_ = fingerprint(ctx, stage)
+    if not ctx.force and is_done(ctx, stage, print_):
+        import json
+
+        record = json.loads((ctx.out / stage.name / "done.json").read_text())
+        ctx.log(f"[{stage.name}] up to date, skipped")
+        return ctx.out / record["artifact"]
+    (ctx.out / stage.name / "done.json").unlink(missing_ok=True)
+    ctx.log(f"[{stage.name}] running")
+    start = time.perf_counter()
+    artifact = stage.run(ctx)
+    seconds = time.perf_counter() - start
+    ctx.timings[stage.name] = seconds
+    files.write_json(ctx.out / stage.name / "done.json", {
+        "fingerprint": print_, "artifact": str(artifact.relative_to(ctx.out)), "sha256": files.sha256(artifact),
+        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    ctx.log(f"[{stage.name}] done in {seconds:.1f} s -> {artifact.relative_to(ctx.out)}")
+    return artifact
+
+
+def write_run_toml(ctx: RunContext) -> None:
+    resolved = ctx.config.to_dict()
+    calibration = datasets.stratified_sample(ctx.data.y_train, ctx.config.quantize.calibration_size, ctx.config.seed)
+    resolved["splits"] = {**ctx.data.describe(), "calibration": len(calibration),
+                          "calibration_indices_sha256_16": files.sha256_json(calibration.tolist())[:16],
+                          "calibration_from": "train", "seed": ctx.config.seed}
+    resolved["versions"] = cfg.versions()
+    resolved["host"] = cfg.host()
+    files.write_text(ctx.out / "run.toml", "# Resolved configuration of this run, written by edgecompress.\n"
+                     + cfg.to_toml(resolved))
+
+
+def open_run(out: Path) -> cfg.RunConfig:
+    """The config of an existing run directory, for the one-stage subcommands."""
+    if not out.is_dir():
+        raise BadInput(f"run directory not found: {out} (make one with `edgecompress compress --out {out}`)")
+    return cfg.from_dict(cfg.read_toml(out / "run.toml"), str(out / "run.toml"))
