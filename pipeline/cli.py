@@ -1,6 +1,7 @@
 """The command line: it only builds a RunConfig and calls the library."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import traceback
@@ -13,6 +14,10 @@ from . import config as cfg
 from .errors import EdgeError, StageFailed
 
 DEFAULTS = cfg.RunConfig()
+# compress's options and the RunConfig fields they set
+FLAG_FIELDS = {"data": ("data",), "target": ("target",), "seed": ("seed",), "teacher": ("teacher", "spec"),
+               "teacher_weights": ("teacher", "weights"), "student": ("distill", "student"),
+               "epochs": ("distill", "epochs")}
 
 
 def common(f):
@@ -44,16 +49,23 @@ def cli():
               help="Run directory; every output is written inside it.")
 @click.option("--epochs", default=DEFAULTS.distill.epochs, show_default=True, type=int, help="Distillation epochs.")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int, help="Seed for splits, init and order.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A TOML file with any of run.toml's tables ([teacher], [distill], [quantize], [verify]); "
+                   "options given on the command line win.")
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
 @common
-def compress(teacher, teacher_weights, student, data, target, out, epochs, seed, force, quiet, debug):
+@click.pass_context
+def compress(click_ctx, teacher, teacher_weights, student, data, target, out, epochs, seed, config_file, force,
+             quiet, debug):
     """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
     from .compress import compress as run_all
     from .runner import RunContext
 
-    config = cfg.RunConfig(data=data, target=target, seed=seed,
-                           teacher=cfg.TeacherConfig(teacher, teacher_weights),
-                           distill=cfg.DistillConfig(student=student, epochs=epochs)).resolve_paths().validate()
+    config = cfg.from_dict(cfg.read_toml(config_file), str(config_file)) if config_file else cfg.RunConfig()
+    for param, path in FLAG_FIELDS.items():
+        if config_file is None or click_ctx.get_parameter_source(param) != click.core.ParameterSource.DEFAULT:
+            setattr(functools.reduce(getattr, path[:-1], config), path[-1], click_ctx.params[param])
+    config = config.resolve_paths().validate()
     ctx = RunContext(out, config, quiet=quiet, force=force)
     report = run_all(ctx)
     _summarise(report, out, quiet)

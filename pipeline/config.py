@@ -195,6 +195,6 @@ def read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise BadInput(f"{path} not found: is {path.parent} a run directory made by `edgecompress compress`?") from None
+        raise BadInput(f"file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise BadInput(f"cannot read {path}: {exc}") from None

@@ -145,6 +145,6 @@ def write_run_toml(ctx: RunContext) -> None:
 
 def open_run(out: Path) -> cfg.RunConfig:
     """The config of an existing run directory, for the one-stage subcommands."""
-    if not out.is_dir():
-        raise BadInput(f"run directory not found: {out} (make one with `edgecompress compress --out {out}`)")
+    if not (out / "run.toml").is_file():
+        raise BadInput(f"{out} is not a run directory (no run.toml): make one with `edgecompress compress --out {out}`")
     return cfg.from_dict(cfg.read_toml(out / "run.toml"), str(out / "run.toml"))

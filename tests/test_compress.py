@@ -1,0 +1,147 @@
+"""End-to-end runs of `edgecompress compress` on small real Fashion-MNIST subsets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from edgecompress import data
+from edgecompress.cli import main
+from edgecompress.models.loaders import WEIGHTS_DIR
+
+SHIPPED_TEACHER = WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
+FAST_VERIFY = "[verify]\nlatency_runs_bs1 = 30\nlatency_runs_batch = 3\nwarmup_runs = 3\n"
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return data.load("fashion-mnist")
+
+
+def subset_npz(fashion, path: Path, train: int, eval_: int) -> Path:
+    i = data.stratified_sample(fashion.y_train, train, 0)
+    j = data.stratified_sample(fashion.y_eval, eval_, 0)
+    np.savez(path, x=fashion.x_train[i, 0].numpy(), y=fashion.y_train[i].numpy(),
+             x_test=fashion.x_eval[j, 0].numpy(), y_test=fashion.y_eval[j].numpy())
+    return path
+
+
+def lenient_target(path: Path) -> Path:
+    """x86-cpu with no budgets: these runs train for seconds, so they test the plumbing, not the quality."""
+    text = (Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text()
+    text = text.replace('name = "x86-cpu"', 'name = "test-cpu"')
+    text = text.split("[budgets]")[0] + "[budgets]\nmax_accuracy_drop = 100.0\nmin_speedup = 0.0\n"
+    path.write_text(text)
+    return path
+
+
+def config_file(path: Path, epochs: int) -> Path:
+    path.write_text(FAST_VERIFY + f"[distill]\nepochs = {epochs}\n")
+    return path
+
+
+def quant_activation_types(model_path: Path) -> set[int]:
+    graph = onnx.load(str(model_path)).graph
+    zero_points = {t.name: t.data_type for t in graph.initializer}
+    return {zero_points[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED_TEACHER.is_file(), reason="shipped teacher weights not built yet")
+def test_compress_with_shipped_teacher_then_skip_on_rerun(fashion, tmp_path, capsys):
+    npz = subset_npz(fashion, tmp_path / "fmnist-small.npz", 3000, 1000)
+    args = ["compress", "--teacher", "resnet18_half", "--teacher-weights", str(SHIPPED_TEACHER), "--data", str(npz),
+            "--student", "resnet_slim_100", "--target", str(lenient_target(tmp_path / "t.toml")),
+            "--config", str(config_file(tmp_path / "c.toml", 3)), "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / "verify" / "report.json").read_text())
+    for key in ("schema", "target", "teacher", "student_fp32", "artifact", "speedup_vs_teacher", "size_ratio",
+                "accuracy_drop_pt", "budgets", "unverified"):
+        assert key in report
+    assert report["teacher"]["accuracy"] > 0.88  # the shipped teacher on real test images
+    assert report["artifact"]["accuracy"] > 0.70
+    assert report["artifact"]["agreement"] > 0.70
+    assert set(report["artifact"]["latency_ms"]) == {"bs1", "bs64"}
+    assert report["size_ratio"] > 10
+    assert quant_activation_types(run / "export" / "test-cpu" / "model.onnx") == {onnx.TensorProto.UINT8}
+    assert (run / "verify" / "report.md").read_text().startswith("# edgecompress report")
+    assert "torch" in (run / "run.toml").read_text()
+
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("up to date, skipped") == 4
+
+
+def write_png_folder(fashion, root: Path, per_class: int) -> Path:
+    for split, x, y in (("train", fashion.x_train, fashion.y_train), ("test", fashion.x_eval, fashion.y_eval)):
+        idx = data.stratified_sample(y, per_class * 10, 1)
+        for n, i in enumerate(idx.tolist()):
+            folder = root / split / f"class_{int(y[i])}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i, 0].numpy()).save(folder / f"{n}.png")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED_TEACHER.is_file(), reason="shipped teacher weights not built yet")
+def test_factory_teacher_with_state_dict_on_an_image_folder(fashion, tmp_path):
+    images = write_png_folder(fashion, tmp_path / "images", 60)
+    factory = tmp_path / "my_teacher.py"
+    factory.write_text("from edgecompress.models import create\n\n\n"
+                       "def build():\n    return create('resnet18_half', 1, 10)\n")
+    args = ["compress", "--teacher", f"{factory}:build", "--teacher-weights", str(SHIPPED_TEACHER),
+            "--data", str(images), "--student", "resnet_slim_050", "--target",
+            str(lenient_target(tmp_path / "t.toml")), "--config", str(config_file(tmp_path / "c.toml", 2)),
+            "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "run" / "verify" / "report.json").read_text())
+    assert report["data"]["eval_images"] == 600
+    assert report["teacher"]["accuracy"] > 0.85  # weights loaded and PNG pixels read as trained
+
+
+def test_kill_during_distillation_resumes_and_matches_an_uninterrupted_run(fashion, tmp_path):
+    npz = subset_npz(fashion, tmp_path / "fmnist.npz", 6000, 500)
+    factory = tmp_path / "teacher.py"
+    factory.write_text("import torch\nfrom edgecompress.models import create\n\n\n"
+                       "def build():\n    torch.manual_seed(1)\n    return create('resnet_slim_050', 1, 10)\n")
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "edgecompress", "compress", "--teacher", f"{factory}:build",
+                "--data", str(npz), "--student", "resnet_slim_100", "--target",
+                str(lenient_target(tmp_path / "t.toml")), "--config", str(config_file(tmp_path / "c.toml", 6)),
+                "--out", str(out)]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "distill" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "distill" / "student.pt").exists()
+    assert not (killed / "distill" / "done.json").exists()
+
+    resumed = subprocess.run(command(killed), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+
+    def final(run: Path) -> tuple:
+        history = json.loads((run / "distill" / "history.json").read_text())["epochs"]
+        report = json.loads((run / "verify" / "report.json").read_text())
+        return len(history), history[-1]["train_top1"], report["student_fp32"]["accuracy"]
+
+    epochs, train_top1, accuracy = final(killed)
+    assert epochs == 6
+    ref_epochs, ref_train_top1, ref_accuracy = final(tmp_path / "straight")
+    assert (epochs, train_top1) == (ref_epochs, ref_train_top1)
+    assert abs(accuracy - ref_accuracy) <= 0.001
