@@ -1,0 +1,160 @@
+"""Device target profiles: every shipped TOML loads; a user's TOML works; bad values are refused helpfully."""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edgecompress import targets
+from edgecompress.cli import main
+from edgecompress.errors import BadInput
+
+SHIPPED = sorted(targets.PROFILE_DIR.glob("*.toml"))
+X86 = (targets.PROFILE_DIR / "x86-cpu.toml").read_text()
+
+
+def test_there_are_shipped_targets():
+    assert SHIPPED, "no targets/*.toml"
+    assert targets.names() == [p.stem for p in SHIPPED]
+    assert "x86-cpu" in targets.names()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_target_loads(path):
+    t = targets.load(path.stem)
+    assert t.name == path.stem, "a profile's name must be its file name, since it is looked up by file name"
+    assert t.description
+    assert t.runtime in targets.RUNTIMES and t.precision in targets.PRECISIONS
+    assert t.activation_type in targets.QUANT_TYPES and t.weight_type in targets.QUANT_TYPES
+    assert 13 <= t.opset <= 21 and t.threads >= 1 and t.batch and min(t.batch) >= 1
+    assert all(v >= 0 for v in vars(t.budgets).values())
+    assert t.source == str(path)
+    # what the file says is what comes back
+    raw = tomllib.loads(path.read_text())
+    for key, value in raw.items():
+        got = getattr(t, key)
+        assert (vars(got) if key == "budgets" else list(got) if isinstance(got, tuple) else got) == value, key
+    json.dumps(t.to_dict())  # `targets show` prints it as JSON
+    # loading the file by path gives the same target
+    assert targets.load(str(path)) == t
+
+
+def _user_toml(tmp_path: Path, text: str, name: str = "mine.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_user_toml_path_works(tmp_path):
+    text = X86.replace('name = "x86-cpu"', 'name = "my-box"').replace("threads = 1", "threads = 4") \
+        .replace("batch = [1, 64]", "batch = [1, 8, 32]").replace("min_speedup = 10.0", "min_speedup = 3")
+    path = _user_toml(tmp_path, text)
+    t = targets.load(path)
+    assert (t.name, t.threads, t.batch, t.budgets.min_speedup) == ("my-box", 4, (1, 8, 32), 3.0)
+    assert isinstance(t.budgets.min_speedup, float)
+    assert t.source == path
+
+
+def test_a_minimal_user_toml_gets_the_defaults(tmp_path):
+    t = targets.load(_user_toml(tmp_path, 'name = "m"\ndescription = "d"\nruntime = "onnxruntime"\n'))
+    assert t == targets.Target(name="m", description="d", runtime="onnxruntime", source=t.source)
+
+
+@pytest.mark.parametrize("text, wrong, hint", [
+    (X86.replace("threads = 1", "thread = 1"), "'thread'", "did you mean 'threads'?"),
+    (X86.replace("per_channel = true", "per_chanel = true"), "'per_chanel'", "did you mean 'per_channel'?"),
+    (X86.replace("max_accuracy_drop =", "max_acuracy_drop ="), "'max_acuracy_drop'",
+     "did you mean 'max_accuracy_drop'?"),
+], ids=["top-level", "top-level-2", "budgets"])
+def test_unknown_key_suggests_the_nearest(tmp_path, text, wrong, hint):
+    with pytest.raises(BadInput) as info:
+        targets.load(_user_toml(tmp_path, text))
+    message = str(info.value)
+    assert "unknown key" in message and wrong in message and hint in message
+    assert "mine.toml" in message
+
+
+@pytest.mark.parametrize("old, new, valid", [
+    ('runtime = "onnxruntime"', 'runtime = "tensorrt"', targets.RUNTIMES),
+    ('precision = "int8"', 'precision = "int4"', targets.PRECISIONS),
+    ('activation_type = "uint8"', 'activation_type = "fp8"', targets.QUANT_TYPES),
+])
+def test_bad_choice_lists_the_valid_ones(tmp_path, old, new, valid):
+    with pytest.raises(BadInput) as info:
+        targets.load(_user_toml(tmp_path, X86.replace(old, new)))
+    message = str(info.value)
+    assert new.split(" = ")[1].strip('"') in message
+    assert all(choice in message for choice in valid)
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ("min_speedup = 10.0", "min_speedup = -1.0", "cannot be negative"),
+    ("max_accuracy_drop = 2.0", "max_accuracy_drop = -0.5", "cannot be negative"),
+    ("threads = 1", "threads = 0", "threads must be >= 1"),
+    ("threads = 1", "threads = -2", "threads must be >= 1"),
+    ("batch = [1, 64]", "batch = [0, 64]", "batch sizes"),
+    ("batch = [1, 64]", "batch = []", "non-empty list"),
+    ("opset = 17", "opset = 9", "opset"),
+    ("threads = 1", 'threads = "4"', "threads must be int"),
+    ("threads = 1", "threads = true", "threads must be int"),
+    ("min_speedup = 10.0", 'min_speedup = "fast"', "min_speedup must be float"),
+], ids=["negative-speedup", "negative-drop", "zero-threads", "negative-threads", "zero-batch", "empty-batch",
+        "old-opset", "string-threads", "bool-threads", "string-budget"])
+def test_bad_values_are_refused(tmp_path, old, new, match):
+    assert old in X86
+    with pytest.raises(BadInput, match=match):
+        targets.load(_user_toml(tmp_path, X86.replace(old, new)))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "targets/__init__.py _build (line 97) refuses budgets with `v < 0`, which is False for NaN: "
+    "`min_speedup = nan` loads, and verify's `speedup < nan` is never true, so the budget silently always passes"))
+def test_nan_budget_is_refused(tmp_path):
+    with pytest.raises(BadInput, match="min_speedup"):
+        targets.load(_user_toml(tmp_path, X86.replace("min_speedup = 10.0", "min_speedup = nan")))
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(BadInput, match="missing required key 'runtime'"):
+        targets.load(_user_toml(tmp_path, 'name = "m"\ndescription = "d"\n'))
+
+
+def test_malformed_toml(tmp_path):
+    with pytest.raises(BadInput, match="mine.toml"):
+        targets.load(_user_toml(tmp_path, "name = \n"))
+
+
+def test_unknown_target_name_suggests_the_nearest():
+    with pytest.raises(BadInput, match="did you mean 'x86-cpu'"):
+        targets.load("x86-cpus")
+
+
+# --- the CLI --------------------------------------------------------------------------------------------------
+
+def test_cli_targets_lists_every_target(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in targets.names():
+        assert any(line.startswith(name + " ") and targets.load(name).description in line
+                   for line in out.splitlines()), name
+
+
+def test_cli_targets_show(capsys):
+    assert main(["targets", "show", "x86-cpu"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == "x86-cpu"
+    assert shown == json.loads(json.dumps(targets.load("x86-cpu").to_dict()))
+
+
+def test_cli_targets_show_a_user_toml(tmp_path, capsys):
+    path = _user_toml(tmp_path, X86.replace('name = "x86-cpu"', 'name = "my-box"'))
+    assert main(["targets", "show", path]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "my-box"
+
+
+def test_cli_targets_show_unknown_is_one_error_line(capsys):
+    assert main(["targets", "show", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unknown target 'nope'") and "Traceback" not in err
