@@ -7,8 +7,8 @@ only from a file the user named.
 from __future__ import annotations
 
 import importlib.util
-import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,14 +28,26 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; older torch a pickle stream starting with the PROTO opcode 0x80.
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise BadInput(f"{path} is not a PyTorch checkpoint; save one with torch.save(model.state_dict(), path)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise BadInput(f"{path} was refused: it needs arbitrary unpickling ({first[:160]}); "
-                       "save a plain state dict with torch.save(model.state_dict(), path)") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); "
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about old pickle protocols on stderr
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # untrusted bytes: whatever the unpickler raises, the file is the problem
+        # Keep torch's specific line, not its generic advice to retry with weights_only=False.
+        text = str(exc)
+        lines = [line.strip() for line in text.splitlines() if line.strip()
+                 and not line.startswith(("Weights only load failed", "Check the documentation", "Please file"))]
+        if "weightsunpickler error" in text.lower() or "unsupported global" in text.lower():
+            raise BadInput(f"{path} was refused: it holds more than tensors and plain containers "
+                           f"({lines[0][:160] if lines else 'unsupported content'}), and loading it would need "
+                           "arbitrary unpickling; save a plain state dict with torch.save(model.state_dict(), path)") from None
+        reason = lines[0][:160] if lines else type(exc).__name__
+        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({reason}); "
                        "save one with torch.save(model.state_dict(), path)") from None
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -75,10 +87,13 @@ def load_factory(spec: str) -> nn.Module:
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
+    write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside user files
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # user code: any failure is the user's input error
         raise BadInput(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.dont_write_bytecode = write_bytecode
     factory = getattr(module, name, None)
     if not callable(factory):
         raise BadInput(f"{file} has no callable {name!r}")

@@ -89,9 +89,22 @@ def load(spec: str, seed: int = 0) -> Dataset:
 def _check(ds: Dataset) -> Dataset:
     if len(ds.y_train) == 0 or len(ds.y_eval) == 0:
         raise BadInput(f"data {ds.name} has no images in its train or eval split")
-    if ds.num_classes < 2:
-        raise BadInput(f"data {ds.name} has {ds.num_classes} class; classification needs at least 2")
+    present = len(ds.y_train.unique())
+    if present < 2:
+        raise BadInput(f"data {ds.name} has 1 class in its training split; classification needs at least 2")
+    if ds.x_eval.shape[1:] != ds.x_train.shape[1:]:
+        raise BadInput(f"data {ds.name}: eval images have shape {tuple(ds.x_eval.shape[1:])} but training images "
+                       f"{tuple(ds.x_train.shape[1:])}")
     return ds
+
+
+def _labels(y: np.ndarray, count: int, source: str, what: str) -> torch.Tensor:
+    y = np.asarray(y).reshape(-1)
+    if len(y) != count:
+        raise BadInput(f"{source}: {count} images but {len(y)} labels in {what}")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise BadInput(f"{source}: labels in {what} must be integers >= 0 (class indices)")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -104,6 +117,8 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise BadInput(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise BadInput(f"{path} is truncated inside its header")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -158,11 +173,11 @@ def _load_npz(path: Path, seed: int) -> Dataset:
         raise BadInput(f"cannot read {path}: {exc}") from None
     if not {"x", "y"} <= keys:
         raise BadInput(f"{path} must hold arrays `x` and `y` (found: {', '.join(sorted(keys)) or 'none'})")
-    x, y = _to_nchw(arrays["x"], str(path)), torch.from_numpy(arrays["y"].astype(np.int64)).flatten()
-    if len(x) != len(y):
-        raise BadInput(f"{path}: {len(x)} images but {len(y)} labels")
+    x = _to_nchw(arrays["x"], str(path))
+    y = _labels(arrays["y"], len(x), str(path), "y")
     if {"x_test", "y_test"} <= keys:
-        parts = (x, y, _to_nchw(arrays["x_test"], str(path)), torch.from_numpy(arrays["y_test"].astype(np.int64)))
+        x_test = _to_nchw(arrays["x_test"], str(path))
+        parts = (x, y, x_test, _labels(arrays["y_test"], len(x_test), str(path), "y_test"))
     else:
         parts = _split(x, y, seed)
     num_classes = int(max(parts[1].max(), parts[3].max())) + 1
@@ -204,10 +219,13 @@ def _load_image_folder(folder: Path, seed: int) -> Dataset:
                        f"{'/'.join(sorted(IMAGE_SUFFIXES))} files")
     classes = sorted(train)
     first = next(iter(train.values()))[0]
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(first) as im:
-        size, mode = im.size, ("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
+    try:
+        with Image.open(first) as im:
+            size, mode = im.size, ("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BadInput(f"cannot read image {first}: {exc}") from None
 
     def gather(by_class: dict[str, list[Path]]) -> tuple[torch.Tensor, torch.Tensor]:
         unknown = sorted(set(by_class) - set(classes))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,9 @@ def _build(raw: dict, where: str) -> Target:
         raise BadInput(f"{where}: [budgets] must be a table")
     _unknown(budgets, Budgets, f"{where} [budgets]")
     budget_values = {k: _typed(v, float, k, f"{where} [budgets]") for k, v in budgets.items()}
-    if any(v < 0 for v in budget_values.values()):
-        raise BadInput(f"{where} [budgets]: budgets cannot be negative")
+    for key, value in budget_values.items():
+        if not math.isfinite(value) or value < 0:
+            raise BadInput(f"{where} [budgets]: {key} must be a finite number >= 0, got {value}")
 
     values = {}
     for key, value in raw.items():

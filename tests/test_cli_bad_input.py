@@ -210,19 +210,13 @@ def case_unknown_option(w, npz, teacher):
     return ["--data", str(npz), "--teacher", teacher, *STUDENT, "--bogus"], ["--bogus"]
 
 
-KEYERROR = ("models/loaders.py read_checkpoint catches only UnpicklingError/RuntimeError/EOFError/ValueError/"
-            "OSError/BadZipFile; torch's weights-only unpickler raises {} on this file, so the CLI exits 1 "
-            "with 'internal failure' instead of exit 2 'not a readable PyTorch checkpoint'")
-
 CASES = [
     case_missing_data_file, case_missing_data_folder, case_unknown_target, case_missing_target_toml,
     case_folder_with_empty_class_dirs, case_folder_with_only_txt, case_folder_with_images_but_no_class_dirs,
     case_teacher_class_count_mismatch, case_zoo_teacher_without_weights, case_missing_factory_file,
     case_factory_without_that_function, case_torchscript_path_is_a_state_dict,
     case_ckpt_list_of_ints, case_ckpt_dict_of_strings, case_ckpt_empty_dict, case_ckpt_random_bytes,
-    pytest.param(case_ckpt_text_file, marks=pytest.mark.xfail(reason=KEYERROR.format("KeyError"), strict=True)),
-    pytest.param(case_ckpt_empty_file, marks=pytest.mark.xfail(reason=KEYERROR.format("IndexError"), strict=True)),
-    case_ckpt_truncated, case_ckpt_wrong_architecture,
+    case_ckpt_text_file, case_ckpt_empty_file, case_ckpt_truncated, case_ckpt_wrong_architecture,
     case_epochs_zero, case_epochs_negative, case_epochs_not_a_number, case_unknown_option,
 ]
 
@@ -314,9 +308,6 @@ def test_subprocess_unknown_option_is_one_usage_line(where):
     assert list(where.cwd.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.load(weights_only=True) in models/loaders.py read_checkpoint emits a UserWarning ('Detected pickle "
-    "protocol 4 in the checkpoint ...') that reaches stderr as two extra lines before the 'error:' line"))
 def test_subprocess_malicious_plain_pickle_gives_one_line(where, small_npz, teacher_spec):
     marker, ckpt = where.inputs / "PWNED", where.inputs / "evil.pt"
     _save("pickle-default", _Open(marker), ckpt)
@@ -326,9 +317,6 @@ def test_subprocess_malicious_plain_pickle_gives_one_line(where, small_npz, teac
     assert_one_error_line(proc.stderr, "refused")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/loaders.py load_factory runs the factory file with SourceFileLoader.exec_module, which writes "
-    "__pycache__/<name>.cpython-*.pyc beside the user's file (outside --out) unless PYTHONDONTWRITEBYTECODE is set"))
 def test_factory_teacher_writes_nothing_beside_the_factory_file(where, small_npz):
     factory_dir = where.inputs / "factory"
     spec = write_factory(factory_dir / "teacher5.py", 5)

@@ -96,9 +96,6 @@ def test_truncated_gzip_idx_file_is_bad_input(idx_folder):
         data.load(str(idx_folder))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data.py _read_idx (line 108): a file cut inside its header (shorter than 4 + 4*ndim bytes) "
-    "reaches np.frombuffer with an offset past the end and raises ValueError, not BadInput"))
 def test_idx_file_cut_inside_its_header_is_bad_input(idx_folder):
     path = idx_folder / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:6])
@@ -186,9 +183,6 @@ def test_truncated_png_is_bad_input_naming_the_file(tmp_path, fashion_small):
     assert str(bad) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data.py _load_image_folder (line 209) opens the first image with Image.open outside any try, to "
-    "read size and mode; a corrupt first image raises PIL.UnidentifiedImageError instead of BadInput"))
 def test_corrupt_first_png_is_bad_input_naming_the_file(tmp_path, fashion_small):
     write_pngs(tmp_path / "shop", _class_images(*fashion_small, 4))
     bad = tmp_path / "shop" / "bag" / "000.png"  # the first file of the first class
@@ -285,9 +279,6 @@ def test_one_class_npz_is_bad_input(tmp_path, fashion_small):
         data.load(str(tmp_path / "d.npz"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data.py _load_npz (line 168) counts classes as max(label) + 1, so an .npz whose labels are all 3 "
-    "loads as 4 classes ['0'..'3'] though it holds one; _check's one-class refusal never fires"))
 def test_npz_with_one_distinct_label_is_bad_input(tmp_path, fashion_small):
     x, _ = fashion_small
     np.savez(tmp_path / "d.npz", x=x, y=np.full(len(x), 3, dtype=np.int64))
@@ -295,9 +286,6 @@ def test_npz_with_one_distinct_label_is_bad_input(tmp_path, fashion_small):
         data.load(str(tmp_path / "d.npz"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data.py _load_npz (line 161-168) accepts negative labels (y - 1 gives labels -1..8: loads as 9 "
-    "classes); training later fails on the -1 target instead of a BadInput at load"))
 def test_npz_with_negative_labels_is_bad_input(tmp_path, fashion_small):
     x, y = fashion_small
     np.savez(tmp_path / "d.npz", x=x, y=y - 1)
@@ -305,9 +293,6 @@ def test_npz_with_negative_labels_is_bad_input(tmp_path, fashion_small):
         data.load(str(tmp_path / "d.npz"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data.py _load_npz (line 164-165) never checks len(x_test) == len(y_test): 20 test images with "
-    "10 test labels load silently (the x/y pair is checked, the test pair is not)"))
 def test_npz_test_images_and_labels_must_match(tmp_path, fashion_small, fashion_small_test):
     (x, y), (xt, yt) = fashion_small, fashion_small_test
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=xt[:20], y_test=yt[:10])
@@ -315,9 +300,6 @@ def test_npz_test_images_and_labels_must_match(tmp_path, fashion_small, fashion_
         data.load(str(tmp_path / "d.npz"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/data.py _load_npz (line 165) never checks that x_test has x's image shape: 32x32 test images "
-    "beside 28x28 training images load, and input_shape reports only (1, 28, 28)"))
 def test_npz_test_images_must_have_the_training_shape(tmp_path, fashion_small, fashion_small_test):
     (x, y), (xt, yt) = fashion_small, fashion_small_test
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=np.pad(xt, ((0, 0), (2, 2), (2, 2))), y_test=yt)
