@@ -106,9 +106,13 @@ def test_factory_teacher_with_state_dict_on_an_image_folder(fashion, tmp_path):
     assert report["data"]["eval_images"] == 600
     assert report["teacher"]["accuracy"] > 0.85  # weights loaded and PNG pixels read as trained
 
+    # one stage against the finished run directory, from a different working directory
+    assert main(["verify", str(tmp_path / "run"), "--force", "--quiet"]) == 0
+    assert main(["quantize", str(tmp_path / "no-such-run")]) == 2
+
 
 def test_kill_during_distillation_resumes_and_matches_an_uninterrupted_run(fashion, tmp_path):
-    npz = subset_npz(fashion, tmp_path / "fmnist.npz", 6000, 500)
+    npz = subset_npz(fashion, tmp_path / "fmnist.npz", 4000, 500)
     factory = tmp_path / "teacher.py"
     factory.write_text("import torch\nfrom edgecompress.models import create\n\n\n"
                        "def build():\n    torch.manual_seed(1)\n    return create('resnet_slim_050', 1, 10)\n")
@@ -116,7 +120,7 @@ def test_kill_during_distillation_resumes_and_matches_an_uninterrupted_run(fashi
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "edgecompress", "compress", "--teacher", f"{factory}:build",
                 "--data", str(npz), "--student", "resnet_slim_100", "--target",
-                str(lenient_target(tmp_path / "t.toml")), "--config", str(config_file(tmp_path / "c.toml", 6)),
+                str(lenient_target(tmp_path / "t.toml")), "--config", str(config_file(tmp_path / "c.toml", 4)),
                 "--out", str(out)]
 
     killed = tmp_path / "killed"
@@ -141,7 +145,7 @@ def test_kill_during_distillation_resumes_and_matches_an_uninterrupted_run(fashi
         return len(history), history[-1]["train_top1"], report["student_fp32"]["accuracy"]
 
     epochs, train_top1, accuracy = final(killed)
-    assert epochs == 6
+    assert epochs == 4
     ref_epochs, ref_train_top1, ref_accuracy = final(tmp_path / "straight")
     assert (epochs, train_top1) == (ref_epochs, ref_train_top1)
     assert abs(accuracy - ref_accuracy) <= 0.001
