@@ -73,7 +73,7 @@ def train(model_name: str, data_spec: str, epochs: int, seed: int, batch: int, l
     check = Normalized(create(model_name, ds.input_shape[0], ds.num_classes), mean, std)
     check.net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     acc = evaluate(check.to(memory_format=torch.channels_last), ds.x_eval, ds.y_eval)
-    meta = {"model": model_name, "data": data_spec, "data_sha256_16": ds.fingerprint(),
+    meta = {"model": model_name, "data": data_spec, "data_sha256_16": ds.sha256_16,
             "in_channels": ds.input_shape[0], "num_classes": ds.num_classes, "input_size": list(ds.input_shape[1:]),
             "mean": mean, "std": std, "eval_top1": acc, "epochs": epochs, "seed": seed, "batch": batch, "lr": lr,
             "torch": torch.__version__,

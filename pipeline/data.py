@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ class Dataset:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
 
-    def fingerprint(self) -> str:
+    @cached_property
+    def sha256_16(self) -> str:
+        """Content hash of all images and labels (cached: stages ask for it several times a run)."""
         digest = hashlib.sha256()
         for t in (self.x_train, self.y_train, self.x_eval, self.y_eval):
             digest.update(t.contiguous().numpy().tobytes())
@@ -47,7 +50,7 @@ class Dataset:
 
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "input_shape": list(self.input_shape),
-                "train": len(self.y_train), "eval": len(self.y_eval), "sha256_16": self.fingerprint()}
+                "train": len(self.y_train), "eval": len(self.y_eval), "sha256_16": self.sha256_16}
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def build_student(ctx: RunContext) -> torch.nn.Module:
 
 def inputs(ctx: RunContext) -> dict:
     teacher = ctx.config.teacher
-    return {"distill": ctx.config.distill.__dict__, "seed": ctx.config.seed, "data": ctx.data.fingerprint(),
+    return {"distill": ctx.config.distill.__dict__, "seed": ctx.config.seed, "data": ctx.data.sha256_16,
             "teacher": teacher.spec, "teacher_file": _teacher_file(ctx),
             "teacher_weights": Path(ctx.teacher[1]["weights"]) if ctx.teacher[1]["weights"] else ""}
 

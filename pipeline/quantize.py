@@ -89,7 +89,7 @@ def top1(logits: np.ndarray, labels: torch.Tensor) -> float:
 
 def inputs(ctx: RunContext) -> dict:
     target = ctx.target
-    return {"quantize": ctx.config.quantize.__dict__, "seed": ctx.config.seed, "data": ctx.data.fingerprint(),
+    return {"quantize": ctx.config.quantize.__dict__, "seed": ctx.config.seed, "data": ctx.data.sha256_16,
             "student": ctx.out / "distill" / "student.pt", "opset": target.opset,
             "scheme": [target.activation_type, target.weight_type, target.per_channel]}
 

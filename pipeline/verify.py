@@ -53,7 +53,7 @@ def onnx_params(path: Path) -> int:
 def inputs(ctx: RunContext) -> dict:
     target = ctx.target
     return {"verify": ctx.config.verify.__dict__, "target": target.to_dict() | {"source": ""},
-            "data": ctx.data.fingerprint(), "teacher": ctx.config.teacher.spec,
+            "data": ctx.data.sha256_16, "teacher": ctx.config.teacher.spec,
             "teacher_weights": Path(ctx.teacher[1]["weights"]) if ctx.teacher[1]["weights"] else "",
             "student": ctx.out / "quantize" / "student.fp32.onnx",
             "artifact": ctx.out / "export" / target.name / "model.onnx"}

@@ -219,9 +219,9 @@ def test_npz_without_test_split_is_split_stratified(small_npz, fashion_small):
 def test_npz_split_is_fixed_by_seed(small_npz):
     a, b, c = data.load(str(small_npz), seed=0), data.load(str(small_npz), seed=0), data.load(str(small_npz), seed=1)
     assert torch.equal(a.x_eval, b.x_eval) and torch.equal(a.y_train, b.y_train)
-    assert a.fingerprint() == b.fingerprint()
+    assert a.sha256_16 == b.sha256_16
     assert not torch.equal(a.x_eval, c.x_eval)
-    assert a.fingerprint() != c.fingerprint()
+    assert a.sha256_16 != c.sha256_16
     assert torch.bincount(c.y_eval, minlength=10).tolist() == [5] * 10
 
 

@@ -1,0 +1,86 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from edgecompress import config as cfg
+from edgecompress import files
+from edgecompress.runner import RunContext, Stage, is_done, run_stage
+
+
+def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path):
+    target = tmp_path / "artifact.bin"
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half written")
+            raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_replaces_the_old_file_whole(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    files.write_text(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def counting_stage(calls: list, setting: dict) -> Stage:
+    def run(ctx: RunContext) -> Path:
+        calls.append(1)
+        out = ctx.stage_dir("demo") / "out.txt"
+        files.write_text(out, f"made with {setting['value']}")
+        return out
+
+    return Stage("demo", run, lambda ctx: {"setting": dict(setting)})
+
+
+def test_stage_skips_when_up_to_date_and_reruns_when_its_inputs_change(tmp_path):
+    ctx = RunContext(tmp_path, cfg.RunConfig(), quiet=True)
+    calls, setting = [], {"value": 1}
+    stage = counting_stage(calls, setting)
+    run_stage(ctx, stage)
+    run_stage(ctx, stage)
+    assert len(calls) == 1 and is_done(ctx, stage)
+    setting["value"] = 2
+    assert not is_done(ctx, stage)
+    run_stage(ctx, stage)
+    assert len(calls) == 2
+    assert (tmp_path / "demo" / "out.txt").read_text() == "made with 2"
+
+
+def test_a_tampered_artifact_or_done_record_makes_the_stage_rerun(tmp_path):
+    ctx = RunContext(tmp_path, cfg.RunConfig(), quiet=True)
+    calls = []
+    stage = counting_stage(calls, {"value": 1})
+    run_stage(ctx, stage)
+    (tmp_path / "demo" / "out.txt").write_text("edited by hand")
+    run_stage(ctx, stage)
+    (tmp_path / "demo" / "done.json").write_text("{not json")
+    run_stage(ctx, stage)
+    assert len(calls) == 3
+    assert json.loads((tmp_path / "demo" / "done.json").read_text())["artifact"] == "demo/out.txt"
+
+
+def test_force_reruns_a_finished_stage(tmp_path):
+    calls = []
+    stage = counting_stage(calls, {"value": 1})
+    run_stage(RunContext(tmp_path, cfg.RunConfig(), quiet=True), stage)
+    run_stage(RunContext(tmp_path, cfg.RunConfig(), quiet=True, force=True), stage)
+    assert len(calls) == 2
+
+
+def test_run_toml_round_trips_through_the_config_loader(tmp_path):
+    config = cfg.RunConfig(seed=7)
+    config.distill.epochs = 3
+    text = cfg.to_toml({**config.to_dict(), "versions": cfg.versions(), "host": cfg.host()})
+    (tmp_path / "run.toml").write_text(text)
+    loaded = cfg.from_dict(cfg.read_toml(tmp_path / "run.toml"), "run.toml")
+    assert loaded == config
+
+
+def test_config_refuses_unknown_keys_with_the_nearest_valid_one(tmp_path):
+    from edgecompress.errors import BadInput
+
+    with pytest.raises(BadInput, match="distill.epochs"):
+        cfg.from_dict({"distill": {"epocs": 3}}, "c.toml")
