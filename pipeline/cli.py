@@ -59,7 +59,7 @@ def compress(click_ctx, teacher, teacher_weights, student, data, target, out, ep
              quiet, debug):
     """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
     from .compress import compress as run_all
-    from .runner import RunContext
+    from .runner import RunContext, locked
 
     config = cfg.from_dict(cfg.read_toml(config_file), str(config_file)) if config_file else cfg.RunConfig()
     for param, path in FLAG_FIELDS.items():
@@ -67,7 +67,8 @@ def compress(click_ctx, teacher, teacher_weights, student, data, target, out, ep
             setattr(functools.reduce(getattr, path[:-1], config), path[-1], click_ctx.params[param])
     config = config.resolve_paths().validate()
     ctx = RunContext(out, config, quiet=quiet, force=force)
-    report = run_all(ctx)
+    with locked(out):
+        report = run_all(ctx)
     _summarise(report, out, quiet)
     if not report["budgets"]["passed"]:
         raise StageFailed(f"budget missed for {report['target']}: {'; '.join(report['budgets']['failed'])} "
@@ -91,10 +92,11 @@ def _stage_command(name: str, summary: str):
     @common
     def command(run_dir, force, quiet, debug):
         from .compress import run_one
-        from .runner import RunContext, open_run
+        from .runner import RunContext, locked, open_run
 
         ctx = RunContext(run_dir, open_run(run_dir), quiet=quiet, force=force)
-        artifact = run_one(ctx, name)
+        with locked(run_dir):
+            artifact = run_one(ctx, name)
         if not quiet:
             click.echo(str(artifact))
 

@@ -5,12 +5,16 @@ returns its artifact; `inputs(ctx)` is the part of the config and the upstream a
 """
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import click
 
@@ -95,26 +99,23 @@ def fingerprint(ctx: RunContext, stage: Stage) -> str:
     return files.sha256_json({"stage": stage.name, **resolved})
 
 
-def is_done(ctx: RunContext, stage: Stage, print_: str | None = None) -> bool:
+def is_done(ctx: RunContext, stage: Stage, expected: str | None = None) -> bool:
+    """True when the stage's done.json matches its current fingerprint and its artifact is intact."""
     done = ctx.out / stage.name / "done.json"
     if not done.is_file():
         return False
-    import json
-
     try:
         record = json.loads(done.read_text())
         artifact = ctx.out / record["artifact"]
-        return (record["fingerprint"] == (print_ or fingerprint(ctx, stage)) and artifact.is_file()
+        return (record["fingerprint"] == (expected or fingerprint(ctx, stage)) and artifact.is_file()
                 and files.sha256(artifact) == record["sha256"])
     except (ValueError, KeyError, OSError):
         return False
 
 
 def run_stage(ctx: RunContext, stage: Stage) -> Path:
-    print_ = fingerprint(ctx, stage)
-    if not ctx.force and is_done(ctx, stage, print_):
-        import json
-
+    expected = fingerprint(ctx, stage)
+    if not ctx.force and is_done(ctx, stage, expected):
         record = json.loads((ctx.out / stage.name / "done.json").read_text())
         ctx.log(f"[{stage.name}] up to date, skipped")
         return ctx.out / record["artifact"]
@@ -125,10 +126,30 @@ def run_stage(ctx: RunContext, stage: Stage) -> Path:
     seconds = time.perf_counter() - start
     ctx.timings[stage.name] = seconds
     files.write_json(ctx.out / stage.name / "done.json", {
-        "fingerprint": print_, "artifact": str(artifact.relative_to(ctx.out)), "sha256": files.sha256(artifact),
+        "fingerprint": expected, "artifact": str(artifact.relative_to(ctx.out)), "sha256": files.sha256(artifact),
         "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     ctx.log(f"[{stage.name}] done in {seconds:.1f} s -> {artifact.relative_to(ctx.out)}")
     return artifact
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the run directory for this process. The kernel drops an flock when its process dies, even by
+    SIGKILL, so a crashed run never blocks the next one."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise BadInput(f"run directory {out} is in use by {holder}: wait for it to finish, "
+                           "or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_run_toml(ctx: RunContext) -> None:

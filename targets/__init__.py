@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,10 @@ def _build(raw: dict, where: str) -> Target:
             raise BadInput(f"{where}: {key} = {values[key]!r} is not one of {', '.join(valid)}")
     if any(b < 1 for b in values.get("batch", (1,))) or values.get("threads", 1) < 1:
         raise BadInput(f"{where}: batch sizes and threads must be >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", values["name"]):
+        # the name becomes the folder export/<name>/ inside the run directory
+        raise BadInput(f"{where}: name {values['name']!r} must be letters, digits, '.', '_' or '-' "
+                       "(at most 64, not starting with '.')")
     if not 13 <= values.get("opset", 17) <= 21:
         raise BadInput(f"{where}: opset must be between 13 and 21")
     return Target(**values, budgets=Budgets(**budget_values), source=where)

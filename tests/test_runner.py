@@ -84,3 +84,38 @@ def test_config_refuses_unknown_keys_with_the_nearest_valid_one(tmp_path):
 
     with pytest.raises(BadInput, match="distill.epochs"):
         cfg.from_dict({"distill": {"epocs": 3}}, "c.toml")
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_and_a_dead_holder_releases_it(tmp_path):
+    import subprocess
+    import sys
+
+    from edgecompress.errors import BadInput
+    from edgecompress.runner import locked
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from edgecompress.runner import locked\n"
+        f"with locked(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BadInput, match=f"in use by process {holder.pid}"):
+            with locked(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait()
+    with locked(tmp_path):  # the kernel released the dead process's lock
+        pass
+
+
+def test_target_name_cannot_escape_the_run_directory(tmp_path):
+    from edgecompress import targets
+    from edgecompress.errors import BadInput
+
+    text = (Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text()
+    for bad in ("../../outside", "/abs", ".hidden", "a/b"):
+        path = tmp_path / "t.toml"
+        path.write_text(text.replace('name = "x86-cpu"', f'name = "{bad}"'))
+        with pytest.raises(BadInput, match="must be letters, digits"):
+            targets.load(str(path))
