@@ -48,14 +48,17 @@ def export_onnx(model: torch.nn.Module, spec: dict, opset: int, path: Path) -> N
 class CalibrationReader:
     """Feeds ORT's calibrator batches of real training images (onnxruntime.quantization.CalibrationDataReader)."""
 
-    def __init__(self, images: torch.Tensor, batch: int = 64):
+    def __init__(self, images: torch.Tensor, batch: int = 64, on_batch=None):
         self.batches = [datasets.to_float(images[i:i + batch]).numpy() for i in range(0, len(images), batch)]
         self.position = 0
+        self.on_batch = on_batch
 
     def get_next(self):
         if self.position >= len(self.batches):
             return None
         self.position += 1
+        if self.on_batch:
+            self.on_batch()
         return {"input": self.batches[self.position - 1]}
 
     def rewind(self):
@@ -63,7 +66,7 @@ class CalibrationReader:
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, calibration: torch.Tensor, method: str, activation_type: str,
-                 weight_type: str, per_channel: bool, exclude: list[str] | None = None) -> None:
+                 weight_type: str, per_channel: bool, exclude: list[str] | None = None, on_batch=None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -74,7 +77,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: torch.Tensor, met
         raise BadInput("the calibration set is empty: raise quantize.calibration_size or give more training images")
     with files.atomic_path(out_path.with_suffix(".pre.onnx")) as pre, files.atomic_path(out_path) as tmp:
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(tmp), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(str(pre), str(tmp), CalibrationReader(calibration, on_batch=on_batch), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=types[activation_type],
                         weight_type=types[weight_type], calibrate_method=methods[method],
                         nodes_to_exclude=exclude or [],
@@ -104,8 +107,9 @@ def run(ctx: RunContext) -> Path:
     calib_idx = datasets.stratified_sample(ds.y_train, conf.calibration_size, ctx.config.seed)
     began = time.perf_counter()
     ctx.log(f"[quantize] calibrating on {len(calib_idx)} training images ({conf.calibration_method})")
-    quantize_qdq(fp32_path, int8_path, ds.x_train[calib_idx], conf.calibration_method, target.activation_type,
-                 target.weight_type, target.per_channel)
+    with ctx.progress(None, "calibration", length=-(-len(calib_idx) // 64)) as bar:
+        quantize_qdq(fp32_path, int8_path, ds.x_train[calib_idx], conf.calibration_method, target.activation_type,
+                     target.weight_type, target.per_channel, on_batch=lambda: bar.update(1))
     seconds = time.perf_counter() - began
 
     fp32_top1 = top1(predict(OrtRunner(fp32_path, 2, "onnxruntime-fp32"), ds.x_eval, 1000), ds.y_eval)

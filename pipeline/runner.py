@@ -68,7 +68,7 @@ class RunContext:
         if not self.quiet:
             click.echo(message, err=True)
 
-    def progress(self, items: Iterable, label: str, length: int | None = None):
+    def progress(self, items: Iterable | None, label: str, length: int | None = None):
         """A progress bar on stderr, or the bare iterable when quiet or not on a terminal."""
         if self.quiet or not sys.stderr.isatty():
             return _NoBar(items)
@@ -76,14 +76,22 @@ class RunContext:
 
 
 class _NoBar:
+    """click.progressbar's interface, showing nothing."""
+
     def __init__(self, items):
-        self.items = items
+        self.items = items if items is not None else ()
 
     def __enter__(self):
-        return self.items
+        return self
 
     def __exit__(self, *exc):
         return False
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def update(self, steps: int) -> None:
+        pass
 
 
 @dataclass(frozen=True)
