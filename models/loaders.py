@@ -137,6 +137,13 @@ def build_model(spec: str, weights: str, in_channels: int, num_classes: int,
         if not path.exists():
             raise BadInput(f"--{role} {spec!r} is neither a zoo model ({', '.join(sorted(ZOO))}), "
                            "nor an existing file, nor path/to/file.py:factory")
+        if path.suffix == ".onnx":
+            if role != "teacher":
+                raise BadInput(f"an ONNX {role} cannot be trained: give a zoo name or file.py:factory")
+            if weights:
+                raise BadInput("--teacher-weights is for zoo and factory models; an ONNX file carries its weights")
+            info["kind"] = "onnx"
+            return OnnxTeacher(path, mean, std).eval(), info
         if not is_torchscript(path):
             raise BadInput(f"--{role} {spec} is not a TorchScript file; if it is a state dict, give the "
                            f"architecture as --{role} (zoo name or file.py:factory) and this file as --{role}-weights")
@@ -155,6 +162,73 @@ def build_model(spec: str, weights: str, in_channels: int, num_classes: int,
             info.update(mean=meta["mean"], std=meta["std"], trained_with=meta.get("command", ""))
             mean, std = meta["mean"], meta["std"]
     return Normalized(net, mean, std).eval(), info
+
+
+MAX_ONNX_BYTES = 2 << 30  # protobuf's limit for a single-file model
+
+
+class OnnxTeacher(nn.Module):
+    """A teacher run by ONNX Runtime: logits only, so it serves logit-based distillation and verification.
+
+    Its weights are kept as frozen parameters so that parameter counts and sizes report the real model.
+    One ORT session per thread count, matching torch.get_num_threads() at call time, so timing runners that
+    set torch's threads time ORT with the same count.
+    """
+
+    runtime = "onnxruntime-fp32"
+
+    def __init__(self, path: Path, mean: list[float], std: list[float]):
+        super().__init__()
+        proto = check_onnx(path)
+        from onnx import numpy_helper
+
+        self.path = path
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.from_numpy(numpy_helper.to_array(t).copy()), requires_grad=False)
+            for t in proto.graph.initializer if t.data_type == 1)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.sessions: dict[int, object] = {}
+        self._session(torch.get_num_threads())
+
+    def _session(self, threads: int):
+        if threads not in self.sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+            try:
+                self.sessions[threads] = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own exception types for unsupported graphs
+                raise BadInput(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0][:200]}") from None
+        return self.sessions[threads]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        session = self._session(torch.get_num_threads())
+        feed = ((x.float() - self.mean) / self.std).contiguous().numpy()
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: feed})[0])
+
+
+def check_onnx(path: Path):
+    """Parse and check an ONNX file before anything runs it; BadInput with the reason otherwise."""
+    import onnx
+
+    size = path.stat().st_size
+    if size == 0 or size > MAX_ONNX_BYTES:
+        raise BadInput(f"{path}: an ONNX file of {size} bytes is not plausible (empty, or over 2 GiB)")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf DecodeError, ValidationError, ...: the file is the problem
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{path} is not a valid ONNX model ({first})") from None
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not 7 <= opset <= 23:
+        raise BadInput(f"{path}: ONNX opset {opset} is outside the supported range 7-23")
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) != 1 or len(proto.graph.output) < 1:
+        raise BadInput(f"{path}: expected one image input and a logits output, found {len(inputs)} inputs")
+    return proto
 
 
 def shipped_weights(name: str, data: str) -> Path | None:

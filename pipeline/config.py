@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import platform
 import tomllib
 from dataclasses import dataclass, field
@@ -75,12 +76,17 @@ class RunConfig:
         return self
 
     def validate(self) -> "RunConfig":
-        d = self.distill
+        d, v = self.distill, self.verify
         positive = {"--epochs": d.epochs, "distill.batch": d.batch, "quantize.calibration_size":
-                    self.quantize.calibration_size, "distill.lr": d.lr, "distill.temperature": d.temperature}
+                    self.quantize.calibration_size, "distill.lr": d.lr, "distill.temperature": d.temperature,
+                    "verify.latency_runs_bs1": v.latency_runs_bs1, "verify.latency_runs_batch": v.latency_runs_batch,
+                    "verify.eval_batch": v.eval_batch}
         for name, value in positive.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")
+        for name, value in {"distill.weight_decay": d.weight_decay, "verify.warmup_runs": v.warmup_runs}.items():
+            if value < 0:
+                raise BadInput(f"{name} must be >= 0, got {value}")
         if not 0.0 <= d.alpha <= 1.0:
             raise BadInput(f"distill.alpha must be in [0, 1], got {d.alpha}")
         if d.precision not in ("auto", "fp32", "bf16"):
@@ -89,6 +95,17 @@ class RunConfig:
             raise BadInput("quantize.calibration_method must be minmax, entropy or percentile, "
                            f"got {self.quantize.calibration_method!r}")
         return self
+
+
+def _typed(value, kind: type, name: str):
+    """`value` as `kind` (an int is a fine float; a bool is never a number), or a BadInput naming the key."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BadInput(f"{name} must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise BadInput(f"{name} must be a finite number, got {value!r}")
+    return value
 
 
 def _zoo_names() -> set[str]:
@@ -100,15 +117,21 @@ def _zoo_names() -> set[str]:
 def from_dict(raw: dict, where: str) -> RunConfig:
     """Rebuild a RunConfig from run.toml's tables, refusing unknown keys with the nearest valid one."""
 
-    def build(cls, values: dict, prefix: str):
+    def build(cls, values, prefix: str):
+        if not isinstance(values, dict):
+            raise BadInput(f"{where}: {prefix.rstrip('.') or 'the file'} must be a table")
         known = {f.name: f for f in dataclasses.fields(cls)}
+        defaults = cls()
         kwargs = {}
         for key, value in values.items():
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
                 raise BadInput(f"{where}: unknown key {prefix}{key}{f' (did you mean {prefix}{hint[0]}?)' if hint else ''}")
-            sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
-            kwargs[key] = build(sub, value, f"{prefix}{key}.") if dataclasses.is_dataclass(sub) else value
+            default = getattr(defaults, key)
+            if dataclasses.is_dataclass(default):
+                kwargs[key] = build(type(default), value, f"{prefix}{key}.")
+            else:
+                kwargs[key] = _typed(value, type(default), f"{where}: {prefix}{key}")
         return cls(**kwargs)
 
     raw = {k: v for k, v in raw.items() if k not in ("versions", "host", "splits")}

@@ -13,10 +13,11 @@ from . import data as datasets
 
 
 class TorchRunner:
-    """PyTorch eager, fp32, with `threads` intra-op threads while it runs."""
+    """PyTorch eager, fp32, with `threads` intra-op threads while it runs (an ONNX teacher names its own runtime)."""
 
-    def __init__(self, model: torch.nn.Module, threads: int, runtime: str = "torch-eager-fp32"):
-        self.model, self.threads, self.runtime = model.eval(), threads, runtime
+    def __init__(self, model: torch.nn.Module, threads: int, runtime: str = ""):
+        self.model, self.threads = model.eval(), threads
+        self.runtime = runtime or getattr(model, "runtime", "torch-eager-fp32")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         before = torch.get_num_threads()
