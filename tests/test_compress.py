@@ -1,10 +1,5 @@
 """End-to-end runs of `edgecompress compress` on small real Fashion-MNIST subsets."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -109,43 +104,3 @@ def test_factory_teacher_with_state_dict_on_an_image_folder(fashion, tmp_path):
     # one stage against the finished run directory, from a different working directory
     assert main(["verify", str(tmp_path / "run"), "--force", "--quiet"]) == 0
     assert main(["quantize", str(tmp_path / "no-such-run")]) == 2
-
-
-def test_kill_during_distillation_resumes_and_matches_an_uninterrupted_run(fashion, tmp_path):
-    npz = subset_npz(fashion, tmp_path / "fmnist.npz", 4000, 500)
-    factory = tmp_path / "teacher.py"
-    factory.write_text("import torch\nfrom edgecompress.models import create\n\n\n"
-                       "def build():\n    torch.manual_seed(1)\n    return create('resnet_slim_050', 1, 10)\n")
-
-    def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "edgecompress", "compress", "--teacher", f"{factory}:build",
-                "--data", str(npz), "--student", "resnet_slim_100", "--target",
-                str(lenient_target(tmp_path / "t.toml")), "--config", str(config_file(tmp_path / "c.toml", 4)),
-                "--out", str(out)]
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (killed / "distill" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "distill" / "student.pt").exists()
-    assert not (killed / "distill" / "done.json").exists()
-
-    resumed = subprocess.run(command(killed), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stderr
-    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr
-
-    def final(run: Path) -> tuple:
-        history = json.loads((run / "distill" / "history.json").read_text())["epochs"]
-        report = json.loads((run / "verify" / "report.json").read_text())
-        return len(history), history[-1]["train_top1"], report["student_fp32"]["accuracy"]
-
-    epochs, train_top1, accuracy = final(killed)
-    assert epochs == 4
-    ref_epochs, ref_train_top1, ref_accuracy = final(tmp_path / "straight")
-    assert (epochs, train_top1) == (ref_epochs, ref_train_top1)
-    assert abs(accuracy - ref_accuracy) <= 0.001

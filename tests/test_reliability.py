@@ -1,0 +1,90 @@
+"""Killed runs resume and reach the same result; numerical faults stop with a clear message."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_compress import config_file, lenient_target, subset_npz
+
+from edgecompress import data
+
+pytestmark = pytest.mark.slow  # real subprocess runs, killed and resumed
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    fashion = data.load("fashion-mnist")
+    npz = subset_npz(fashion, root / "fmnist.npz", 4000, 500)
+    factory = root / "teacher.py"
+    factory.write_text("import torch\nfrom edgecompress.models import create\n\n\n"
+                       "def build():\n    torch.manual_seed(1)\n    return create('resnet_slim_050', 1, 10)\n")
+    target, conf = lenient_target(root / "t.toml"), config_file(root / "c.toml", 4)
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "edgecompress", "compress", "--teacher", f"{factory}:build", "--data", str(npz),
+                "--student", "resnet_slim_100", "--target", str(target), "--config", str(conf), "--out", str(out)]
+
+    straight = subprocess.run(command(root / "straight"), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    return command, root / "straight"
+
+
+def final_metrics(run: Path) -> tuple:
+    history = json.loads((run / "distill" / "history.json").read_text())["epochs"]
+    report = json.loads((run / "verify" / "report.json").read_text())
+    return len(history), history[-1]["train_top1"], report["student_fp32"]["accuracy"], report["artifact"]["accuracy"]
+
+
+def kill_when(command: list[str], appears: Path) -> None:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not appears.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_during_distillation_resumes_from_the_last_epoch_and_matches(setup, tmp_path):
+    command, straight = setup
+    run = tmp_path / "killed"
+    kill_when(command(run), run / "distill" / "last.ckpt")
+    assert not (run / "distill" / "student.pt").exists()
+    assert not (run / "distill" / "done.json").exists()
+
+    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    assert final_metrics(run) == final_metrics(straight)
+
+
+def test_sigkill_during_quantization_leaves_nothing_trusted_and_the_rerun_matches(setup, tmp_path):
+    command, straight = setup
+    run = tmp_path / "killed"
+    kill_when(command(run), run / "quantize")
+    assert (run / "distill" / "done.json").exists()
+    assert not (run / "quantize" / "done.json").exists()
+    assert not list(run.glob("export/*/done.json"))
+
+    rerun = subprocess.run(command(run), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "[distill] up to date, skipped" in rerun.stderr
+    assert final_metrics(run) == final_metrics(straight)
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(setup, tmp_path):
+    command, _ = setup
+    args = command(tmp_path / "nan")
+    conf = tmp_path / "nan.toml"
+    conf.write_text("[distill]\nepochs = 2\nlr = 1e30\n")
+    args[args.index("--config") + 1] = str(conf)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the distillation loss became") and "lower the learning rate" in last
+    assert "Traceback" not in proc.stderr
