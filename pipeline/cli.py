@@ -17,7 +17,7 @@ DEFAULTS = cfg.RunConfig()
 # compress's options and the RunConfig fields they set
 FLAG_FIELDS = {"data": ("data",), "target": ("target",), "seed": ("seed",), "teacher": ("teacher", "spec"),
                "teacher_weights": ("teacher", "weights"), "student": ("distill", "student"),
-               "epochs": ("distill", "epochs")}
+               "epochs": ("distill", "epochs"), "skip_bad_images": ("skip_bad_images",)}
 
 
 def common(f):
@@ -52,11 +52,13 @@ def cli():
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A TOML file with any of run.toml's tables ([teacher], [distill], [quantize], [verify]); "
                    "options given on the command line win.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave unreadable files of an image folder out (and count them) instead of stopping.")
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
 @common
 @click.pass_context
-def compress(click_ctx, teacher, teacher_weights, student, data, target, out, epochs, seed, config_file, force,
-             quiet, debug):
+def compress(click_ctx, teacher, teacher_weights, student, data, target, out, epochs, seed, config_file,
+             skip_bad_images, force, quiet, debug):
     """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
     from .compress import compress as run_all
     from .runner import RunContext, locked
@@ -107,6 +109,25 @@ for _name, _summary in (("distill", "Distil the student"), ("quantize", "Quantiz
                         ("export", "Export the int8 model for the run's target"),
                         ("verify", "Verify the artifact against the teacher")):
     _stage_command(_name, _summary)
+
+
+@cli.command()
+@click.argument("new_report", type=click.Path(path_type=Path))
+@click.option("--baseline", required=True, type=click.Path(path_type=Path), metavar="OLD_REPORT",
+              help="The report.json to compare with (e.g. the last release's).")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=float, metavar="PT",
+              help="Fail when the artifact's top-1 falls by more than this many points.")
+@click.option("--max-latency-increase", default=10.0, show_default=True, type=float, metavar="PCT",
+              help="Fail when an artifact p50 rises by more than this percentage and beyond the measured noise.")
+@common
+def check(new_report, baseline, max_accuracy_drop, max_latency_increase, quiet, debug):
+    """Compare NEW_REPORT (a report.json) with --baseline; exit 1 on a regression, for CI gates."""
+    from .check import Thresholds, check as compare_reports
+
+    outcome = compare_reports(new_report, baseline, Thresholds(max_accuracy_drop, max_latency_increase))
+    for line in [f"REGRESSION: {r}" for r in outcome.regressions] if quiet else [outcome.text()]:
+        click.echo(line)
+    return 0 if outcome.passed else 1
 
 
 @cli.group(invoke_without_command=True)

@@ -51,6 +51,7 @@ class RunConfig:
     data: str = "fashion-mnist"
     target: str = "x86-cpu"
     seed: int = 0
+    skip_bad_images: bool = False  # leave unreadable files of an image folder out (counted in run.toml)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)

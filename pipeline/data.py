@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -31,6 +31,7 @@ class Dataset:
     x_eval: torch.Tensor
     y_eval: torch.Tensor
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -50,7 +51,8 @@ class Dataset:
 
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "input_shape": list(self.input_shape),
-                "train": len(self.y_train), "eval": len(self.y_eval), "sha256_16": self.sha256_16}
+                "train": len(self.y_train), "eval": len(self.y_eval), "sha256_16": self.sha256_16,
+                "skipped_images": len(self.skipped)}
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +72,12 @@ def stratified_sample(labels: torch.Tensor, count: int, seed: int) -> torch.Tens
     return picked[torch.randperm(len(picked), generator=gen)].sort().values
 
 
-def load(spec: str, seed: int = 0) -> Dataset:
-    """Load a data spec: `fashion-mnist`, a folder of IDX files, an image folder, or an .npz with x/y."""
+def load(spec: str, seed: int = 0, skip_bad_images: bool = False) -> Dataset:
+    """Load a data spec: `fashion-mnist`, a folder of IDX files, an image folder, or an .npz with x/y.
+
+    An unreadable file in an image folder is an error unless `skip_bad_images`, which leaves it out and
+    lists it in `Dataset.skipped`.
+    """
     if spec == "fashion-mnist":
         if not FASHION_MNIST_DIR.is_dir():
             raise BadInput(f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install it with "
@@ -86,7 +92,7 @@ def load(spec: str, seed: int = 0) -> Dataset:
         return _load_npz(path, seed)
     if any(path.glob("*-images-idx3-ubyte*")):
         return _load_idx_dir(path, path.name, None)
-    return _load_image_folder(path, seed)
+    return _load_image_folder(path, seed, skip_bad_images)
 
 
 def _check(ds: Dataset) -> Dataset:
@@ -187,20 +193,33 @@ def _load_npz(path: Path, seed: int) -> Dataset:
     return _check(Dataset(path.stem, *parts, [str(i) for i in range(num_classes)]))
 
 
-def _read_images(files: list[Path], size: tuple[int, int], mode: str) -> np.ndarray:
+def _read_image(path: Path, size: tuple[int, int] | None, mode: str | None) -> np.ndarray:
+    """One image as (H, W, C) uint8, converted to `mode` and resized to `size` (None: as stored)."""
     from PIL import Image, UnidentifiedImageError
 
-    out = np.empty((len(files), size[1], size[0], 1 if mode == "L" else 3), dtype=np.uint8)
-    for i, f in enumerate(files):
+    try:
+        with Image.open(path) as im:
+            mode = mode or ("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
+            im = im.convert(mode)
+            if size and im.size != size:
+                im = im.resize(size, Image.BILINEAR)
+            pixels = np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise BadInput(f"cannot read image {path}: {exc} (--skip-bad-images leaves such files out)") from None
+    return pixels.reshape(*pixels.shape[:2], -1)
+
+
+def _read_images(files: list[Path], labels: list[int], size, mode, skip_bad: bool, skipped: list[str]):
+    images, kept = [], []
+    for path, label in zip(files, labels):
         try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size != size:
-                    im = im.resize(size, Image.BILINEAR)
-                out[i] = np.asarray(im).reshape(out.shape[1:])
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise BadInput(f"cannot read image {f}: {exc}") from None
-    return out
+            images.append(_read_image(path, size, mode))
+            kept.append(label)
+        except BadInput:
+            if not skip_bad:
+                raise
+            skipped.append(str(path))
+    return images, kept
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
@@ -212,7 +231,7 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _load_image_folder(folder: Path, seed: int) -> Dataset:
+def _load_image_folder(folder: Path, seed: int, skip_bad: bool) -> Dataset:
     """One sub-folder per class; or `train/` and `test/` (or `val/`) folders each laid out that way."""
     eval_dir = next((folder / n for n in ("test", "val") if (folder / n).is_dir()), None)
     train_dir = folder / "train" if eval_dir is not None and (folder / "train").is_dir() else folder
@@ -221,14 +240,14 @@ def _load_image_folder(folder: Path, seed: int) -> Dataset:
         raise BadInput(f"no images in {folder}: expected one sub-folder per class holding "
                        f"{'/'.join(sorted(IMAGE_SUFFIXES))} files")
     classes = sorted(train)
-    first = next(iter(train.values()))[0]
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(first) as im:
-            size, mode = im.size, ("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise BadInput(f"cannot read image {first}: {exc}") from None
+    skipped: list[str] = []
+    # size and colour mode of the first readable image set those of the whole data set
+    first_files = [f for files in train.values() for f in files][:50]
+    probe, _ = _read_images(first_files, [0] * len(first_files), None, None, skip_bad, [])
+    if not probe:
+        raise BadInput(f"no readable image among the first files of {train_dir}")
+    height, width, channels = probe[0].shape
+    size, mode = (width, height), ("L" if channels == 1 else "RGB")
 
     def gather(by_class: dict[str, list[Path]]) -> tuple[torch.Tensor, torch.Tensor]:
         unknown = sorted(set(by_class) - set(classes))
@@ -236,12 +255,15 @@ def _load_image_folder(folder: Path, seed: int) -> Dataset:
             raise BadInput(f"eval folder has classes the train folder lacks: {', '.join(unknown)}")
         files = [f for c in classes for f in by_class.get(c, [])]
         labels = [i for i, c in enumerate(classes) for _ in by_class.get(c, [])]
-        x = torch.from_numpy(_read_images(files, size, mode)).permute(0, 3, 1, 2).contiguous()
-        return x, torch.tensor(labels, dtype=torch.int64)
+        images, kept = _read_images(files, labels, size, mode, skip_bad, skipped)
+        if not images:
+            return torch.empty(0, channels, height, width, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        return x, torch.tensor(kept, dtype=torch.int64)
 
     x, y = gather(train)
     parts = (x, y, *gather(_scan_classes(eval_dir))) if eval_dir is not None else _split(x, y, seed)
-    return _check(Dataset(folder.name, *parts, classes))
+    return _check(Dataset(folder.name, *parts, classes, skipped))
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

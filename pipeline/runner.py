@@ -40,7 +40,10 @@ class RunContext:
 
     @cached_property
     def data(self) -> datasets.Dataset:
-        return datasets.load(self.config.data, self.config.seed)
+        ds = datasets.load(self.config.data, self.config.seed, self.config.skip_bad_images)
+        if ds.skipped:
+            self.log(f"[data] skipped {len(ds.skipped)} unreadable images, e.g. {ds.skipped[0]}")
+        return ds
 
     @cached_property
     def data_stats(self) -> tuple[list[float], list[float]]:

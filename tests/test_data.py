@@ -328,3 +328,15 @@ def test_stratified_sample_takes_what_a_small_class_has():
     labels = torch.tensor([0] * 20 + [1] * 3 + [2] * 20)
     idx = data.stratified_sample(labels, 30, seed=0)
     assert torch.bincount(labels[idx]).tolist() == [10, 3, 10]
+
+
+def test_skip_bad_images_leaves_unreadable_files_out_and_lists_them(tmp_path, fashion_small):
+    write_pngs(tmp_path / "shop", _class_images(*fashion_small, 4))
+    bad = tmp_path / "shop" / "bag" / "000.png"  # the very first file: the probe must look further
+    bad.write_bytes(b"not an image")
+    with pytest.raises(BadInput, match="--skip-bad-images"):
+        data.load(str(tmp_path / "shop"))
+    ds = data.load(str(tmp_path / "shop"), skip_bad_images=True)
+    assert ds.skipped == [str(bad)]
+    assert len(ds.y_train) + len(ds.y_eval) == 4 * len(ds.classes) - 1
+    assert ds.describe()["skipped_images"] == 1
