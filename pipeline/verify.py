@@ -1,9 +1,14 @@
-"""Verify stage: teacher, fp32 student and target artifact on the same eval images and the same timing method."""
+"""Verify stage: teacher, fp32 student and target artifact on the same eval images and the same timing method.
+
+Accuracy comes with paired bootstrap intervals and latency medians with block-bootstrap intervals (see stats.py);
+report.json holds the summaries, latency.json every timed run, and report.md / report.html / plots/ show them.
+"""
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,15 +17,19 @@ from edgecompress.models import count_params
 
 from . import config as cfg
 from . import data as datasets
-from . import files, report
+from . import files, report, stats
 from .runner import RunContext, Stage
 from .runners import OrtRunner, TorchRunner, predict
 
 SCHEMA = 1
+SUBJECTS = ("teacher", "student_fp32", "artifact")
+TOP_K = 5  # top-5 accuracy is reported when there are more than TOP_K classes
 
 
-def measure_latency(runner, images: torch.Tensor, batch: int, warmup: int, runs: int, progress) -> dict:
-    """Per-batch latency in ms over `runs` timed calls after `warmup`, inputs rotated through real images."""
+def time_runs(runner: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, batch: int, warmup: int, runs: int,
+              progress) -> np.ndarray:
+    """Milliseconds of each of `runs` timed calls after `warmup` untimed ones, inputs rotated through up to 8
+    batches of real images so no single input's cache footprint decides the result."""
     count = max(1, min(8, len(images) // batch))
     inputs = [datasets.to_float(images[i * batch:(i + 1) * batch]).numpy() for i in range(count)]
     inputs = [x for x in inputs if len(x) == batch] or [np.repeat(inputs[0][:1], batch, axis=0)]
@@ -33,10 +42,73 @@ def measure_latency(runner, images: torch.Tensor, batch: int, warmup: int, runs:
             began = time.perf_counter()
             runner(x)
             times[i] = (time.perf_counter() - began) * 1e3
+    return times
+
+
+def latency_summary(times: np.ndarray, batch: int, resamples: int, seed: int) -> dict:
+    """p50/p90/p99, mean and throughput of per-batch times in ms, with the p50's 95% moving-block bootstrap
+    interval and the median absolute deviation: the noise `edgecompress check` weighs a change against."""
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    low, high = stats.median_interval(times, resamples, seed)
     return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
-            "mean": round(float(times.mean()), 4), "runs": runs, "batch": batch,
-            "throughput_ips": round(batch * 1e3 / float(p50), 1)}
+            "mean": round(float(times.mean()), 4), "runs": len(times), "batch": batch,
+            "throughput_ips": round(batch * 1e3 / float(p50), 1),
+            "p50_ci95": [round(low, 4), round(high, 4)], "mad": round(stats.median_absolute_deviation(times), 4),
+            "min": round(float(times.min()), 4)}
+
+
+def top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """True where the label is among the `k` highest logits."""
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """Top-1 accuracy within each class's eval images; None for a class with none."""
+    hits = np.bincount(labels, weights=predictions == labels, minlength=num_classes)
+    counts = np.bincount(labels, minlength=num_classes)
+    return [float(h / c) if c else None for h, c in zip(hits, counts)]
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Counts with rows = true class, columns = predicted class."""
+    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes).tolist()
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    return list(stats.percentile_interval(samples))
+
+
+def accuracy_metrics(logits: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, resamples: int,
+                     seed: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per subject: top-1 (and top-5 when classes > 5), agreement with the teacher and per-class accuracy, each
+    fraction with a 95% paired bootstrap interval; and the artifact-minus-teacher and artifact-minus-fp32
+    differences with theirs. One resampling of the eval images serves every statistic (paired, Efron 1979)."""
+    predictions = {name: out.argmax(1) for name, out in logits.items()}
+    rows: dict[tuple[str, str], np.ndarray] = {}
+    for name in SUBJECTS:
+        rows[name, "accuracy"] = predictions[name] == labels
+        if num_classes > TOP_K:
+            rows[name, "top5"] = top_k_hits(logits[name], labels, TOP_K)
+        if name != "teacher":
+            rows[name, "agreement"] = predictions[name] == predictions["teacher"]
+    keys = list(rows)
+    means = stats.paired_bootstrap_means(np.stack([rows[k] for k in keys]), resamples, seed)
+    column = {k: means[:, i] for i, k in enumerate(keys)}
+    metrics: dict[str, dict] = {name: {} for name in SUBJECTS}
+    for (name, metric), hits in rows.items():
+        metrics[name][metric] = float(hits.mean())
+        metrics[name][f"{metric}_ci95"] = _interval(column[name, metric])
+    for name in SUBJECTS:
+        metrics[name]["per_class_accuracy"] = per_class_accuracy(predictions[name], labels, num_classes)
+    metrics["artifact"]["confusion_matrix"] = confusion_matrix(labels, predictions["artifact"], num_classes)
+    differences = {}
+    for other in ("teacher", "student_fp32"):
+        value = metrics["artifact"]["accuracy"] - metrics[other]["accuracy"]
+        resampled = column["artifact", "accuracy"] - column[other, "accuracy"]
+        differences[f"artifact_minus_{other}"] = {"value": value, "ci95": _interval(resampled)}
+    return metrics, differences
 
 
 def state_bytes(model: torch.nn.Module) -> int:
@@ -50,6 +122,21 @@ def onnx_params(path: Path) -> int:
     return int(sum(np.prod(t.dims) for t in graph.initializer if len(t.dims) > 0 and t.data_type in (1, 2, 3, 10)))
 
 
+def onnx_format(path: Path) -> str:
+    """What the ONNX file holds, read from its graph: onnx-qdq-int8, onnx-int8 (QOperator), onnx-fp16 or onnx-fp32."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    if "QuantizeLinear" in ops and "DequantizeLinear" in ops:
+        return "onnx-qdq-int8"
+    if any(op.startswith("QLinear") or op.endswith("Integer") for op in ops):
+        return "onnx-int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return "onnx-fp16"
+    return "onnx-fp32"
+
+
 def inputs(ctx: RunContext) -> dict:
     target = ctx.target
     return {"verify": ctx.config.verify.__dict__, "target": target.to_dict() | {"source": ""},
@@ -61,40 +148,47 @@ def inputs(ctx: RunContext) -> dict:
 
 def run(ctx: RunContext) -> Path:
     conf, target, ds = ctx.config.verify, ctx.target, ctx.data
+    resamples = getattr(conf, "bootstrap_resamples", stats.RESAMPLES)
+    seed = ctx.config.seed
     out_dir = ctx.stage_dir("verify")
     teacher_model, teacher_info = ctx.teacher
     artifact_path = ctx.out / "export" / target.name / "model.onnx"
     student_path = ctx.out / "quantize" / "student.fp32.onnx"
+    formats = {"student_fp32": onnx_format(student_path), "artifact": onnx_format(artifact_path)}
+    runtimes = {name: "onnxruntime-" + fmt.rsplit("-", 1)[1] for name, fmt in formats.items()}
     cores = os.cpu_count() or 1
     # Accuracy does not depend on threads, so it runs on every core; latency runs with the target's threads.
     subjects = {
         "teacher": (TorchRunner(teacher_model, cores), TorchRunner(teacher_model, target.threads)),
-        "student_fp32": (OrtRunner(student_path, cores, "onnxruntime-fp32"),
-                         OrtRunner(student_path, target.threads, "onnxruntime-fp32", target.execution_providers)),
-        "artifact": (OrtRunner(artifact_path, cores, "onnxruntime-int8"),
-                     OrtRunner(artifact_path, target.threads, "onnxruntime-int8", target.execution_providers)),
+        "student_fp32": (OrtRunner(student_path, cores, runtimes["student_fp32"]),
+                         OrtRunner(student_path, target.threads, runtimes["student_fp32"],
+                                   target.execution_providers)),
+        "artifact": (OrtRunner(artifact_path, cores, runtimes["artifact"]),
+                     OrtRunner(artifact_path, target.threads, runtimes["artifact"], target.execution_providers)),
     }
-    labels = ds.y_eval.numpy()
-    results, predictions = {}, {}
+    labels = ds.y_eval.numpy().astype(np.int64)
+    results, logits, timings = {}, {}, {}
     for name, (fast, timed) in subjects.items():
         ctx.log(f"[verify] {name}: accuracy on {len(labels)} eval images")
-        logits = predict(fast, ds.x_eval, conf.eval_batch)
-        predictions[name] = logits.argmax(1)
-        latency = {}
+        logits[name] = predict(fast, ds.x_eval, conf.eval_batch)
+        latency, timings[name] = {}, {}
         for batch in target.batch:
             runs = conf.latency_runs_bs1 if batch == 1 else conf.latency_runs_batch
             bar = lambda items, b=batch: ctx.progress(items, f"{name} latency bs{b}")  # noqa: E731
-            latency[f"bs{batch}"] = measure_latency(timed, ds.x_eval, batch, conf.warmup_runs, runs, bar)
-        results[name] = {"accuracy": float((predictions[name] == labels).mean()), "latency_ms": latency,
-                         "runtime": timed.runtime, "settings": timed.settings()}
+            times = time_runs(timed, ds.x_eval, batch, conf.warmup_runs, runs, bar)
+            latency[f"bs{batch}"] = latency_summary(times, batch, resamples, seed)
+            timings[name][f"bs{batch}"] = [round(float(t), 4) for t in times]
+        results[name] = {"latency_ms": latency, "runtime": timed.runtime, "settings": timed.settings()}
+    ctx.log(f"[verify] bootstrap intervals ({resamples} resamples)")
+    metrics, differences = accuracy_metrics(logits, labels, ds.num_classes, resamples, seed)
+    for name in SUBJECTS:
+        results[name] = metrics[name] | results[name]
     results["teacher"] |= {"params": count_params(teacher_model), "size_bytes": state_bytes(teacher_model),
                            "source": teacher_info["spec"]}
     results["student_fp32"] |= {"params": onnx_params(student_path), "size_bytes": student_path.stat().st_size,
-                                "path": str(student_path.relative_to(ctx.out))}
+                                "path": str(student_path.relative_to(ctx.out)), "format": formats["student_fp32"]}
     results["artifact"] |= {"params": onnx_params(student_path), "size_bytes": artifact_path.stat().st_size,
-                            "path": str(artifact_path.relative_to(ctx.out)), "format": "onnx-qdq-int8"}
-    for name in ("student_fp32", "artifact"):
-        results[name]["agreement"] = float((predictions[name] == predictions["teacher"]).mean())
+                            "path": str(artifact_path.relative_to(ctx.out)), "format": formats["artifact"]}
 
     bs1 = f"bs{target.batch[0]}"
     speedup = results["teacher"]["latency_ms"][bs1]["p50"] / results["artifact"]["latency_ms"][bs1]["p50"]
@@ -110,18 +204,27 @@ def run(ctx: RunContext) -> Path:
         failed.append(f"speedup {speedup:.1f}x < min_speedup {budgets.min_speedup}")
 
     result = {
-        "schema": SCHEMA, "target": target.name, "data": {"name": ds.name, "eval_images": len(labels)},
+        "schema": SCHEMA, "target": target.name,
+        "data": {"name": ds.name, "eval_images": len(labels), "classes": list(ds.classes),
+                 "eval_per_class": np.bincount(labels, minlength=ds.num_classes).tolist()},
         "teacher": results["teacher"], "student_fp32": results["student_fp32"], "artifact": results["artifact"],
         "speedup_vs_teacher": round(speedup, 2),
         "size_ratio": round(results["teacher"]["size_bytes"] / results["artifact"]["size_bytes"], 2),
         "accuracy_drop_pt": round(drop, 3),
+        "accuracy_differences": differences,
         "budgets": {"max_accuracy_drop": budgets.max_accuracy_drop, "max_latency_ms": budgets.max_latency_ms,
                     "min_speedup": budgets.min_speedup, "passed": not failed, "failed": failed},
         "unverified": [],
-        "host": cfg.host(), "versions": cfg.versions(), "seed": ctx.config.seed,
+        "statistics": {
+            "level": stats.LEVEL, "resamples": resamples, "seed": seed,
+            "accuracy": "paired percentile bootstrap over eval images (Efron 1979)",
+            "latency_p50": "moving-block percentile bootstrap over consecutive timed runs (Kuensch 1989), "
+                           "block length round(runs^(1/3))"},
+        "host": cfg.host(), "versions": cfg.versions(), "seed": seed,
     }
     files.write_json(out_dir / "report.json", result)
-    files.write_text(out_dir / "report.md", report.markdown(result))
+    files.write_json(out_dir / "latency.json", {"unit": "ms per batch, in the order timed", "timings": timings})
+    report.write(out_dir, result, timings)
     return out_dir / "report.json"
 
 

@@ -1,0 +1,216 @@
+"""Verify's statistics on known cases, and what a real small run writes: report.json, latency.json, plots."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecompress import stats
+from edgecompress.cli import main
+from edgecompress.verify import accuracy_metrics, confusion_matrix, onnx_format, per_class_accuracy, top_k_hits
+
+from test_compress import lenient_target
+
+SMALL_RUN_CONFIG = ("[distill]\nepochs = 1\n"
+                    "[verify]\nlatency_runs_bs1 = 60\nlatency_runs_batch = 8\nwarmup_runs = 5\n")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- the interval math on known cases -----------------------------------------------------------------------
+
+def test_all_correct_gives_the_interval_1_1():
+    means = stats.paired_bootstrap_means(np.ones((1, 500), bool), 1000, seed=0)
+    assert stats.percentile_interval(means[:, 0]) == (1.0, 1.0)
+
+
+def test_half_correct_gives_an_interval_of_the_binomial_width_around_one_half():
+    n = 2000
+    hits = np.zeros((1, n), bool)
+    hits[0, ::2] = True
+    low, high = stats.percentile_interval(stats.paired_bootstrap_means(hits, 2000, seed=3)[:, 0])
+    normal_width = 2 * 1.959964 * math.sqrt(0.25 / n)  # the Wald interval's width: 0.0438
+    assert low < 0.5 < high
+    assert abs((low + high) / 2 - 0.5) < 0.004
+    assert high - low == pytest.approx(normal_width, rel=0.1)
+
+
+def test_a_paired_difference_of_identical_predictions_is_exactly_0_0():
+    rng = np.random.default_rng(1)
+    hits = rng.random(1000) < 0.8
+    means = stats.paired_bootstrap_means(np.stack([hits, hits]), 1000, seed=0)
+    assert stats.percentile_interval(means[:, 0] - means[:, 1]) == (0.0, 0.0)
+    assert stats.percentile_interval(means[:, 0])[0] < 0.8 < stats.percentile_interval(means[:, 0])[1]
+
+
+def test_pairing_narrows_the_difference_of_two_models_that_err_on_the_same_images():
+    """Two models that share 95% of their errors: the paired interval of the difference is far narrower than
+    the one from resampling each model independently, which is why verify resamples them together."""
+    rng = np.random.default_rng(2)
+    a = rng.random(3000) < 0.85
+    b = a.copy()
+    flip = rng.choice(3000, 150, replace=False)
+    b[flip] = ~b[flip]
+    paired = stats.paired_bootstrap_means(np.stack([a, b]), 1000, seed=0)
+    independent = (stats.paired_bootstrap_means(a[None], 1000, seed=0)[:, 0]
+                   - stats.paired_bootstrap_means(b[None], 1000, seed=1)[:, 0])
+    paired_width = np.subtract(*stats.percentile_interval(paired[:, 0] - paired[:, 1])[::-1])
+    independent_width = np.subtract(*stats.percentile_interval(independent)[::-1])
+    assert paired_width < independent_width / 2
+
+
+def test_the_bootstrap_is_reproducible_from_its_seed_and_changes_with_it():
+    hits = np.random.default_rng(0).random((2, 400)) < 0.7
+    first = stats.paired_bootstrap_means(hits, 200, seed=5)
+    np.testing.assert_array_equal(first, stats.paired_bootstrap_means(hits, 200, seed=5))
+    assert not np.array_equal(first, stats.paired_bootstrap_means(hits, 200, seed=6))
+
+
+def test_median_interval_of_constant_timings_is_a_point_and_covers_the_median_otherwise():
+    assert stats.median_interval(np.full(50, 2.5)) == (2.5, 2.5)
+    timings = np.random.default_rng(4).lognormal(0.0, 0.1, 300)
+    low, high = stats.median_interval(timings, seed=0)
+    assert low < np.median(timings) < high
+    assert high - low < 0.1
+
+
+def test_block_bootstrap_widens_the_median_interval_when_slow_runs_come_in_bursts():
+    """Timings with 30-run bursts at +20%: consecutive runs are not independent, and Efron's iid resampling
+    (block 1) understates how much the median of another such series would move; blocks keep the bursts."""
+    rng = np.random.default_rng(5)
+    timings = 1.0 + rng.normal(0, 0.01, 300)
+    for start in rng.choice(np.arange(0, 270, 30), 4, replace=False):
+        timings[start:start + 30] *= 1.2
+    iid = np.subtract(*stats.median_interval(timings, seed=0, block=1)[::-1])
+    blocks = np.subtract(*stats.median_interval(timings, seed=0, block=30)[::-1])
+    assert blocks > 1.5 * iid
+    assert stats.block_length(300) == 7 and stats.block_length(1) == 1
+
+
+def test_median_absolute_deviation():
+    assert stats.median_absolute_deviation(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == 1.0
+
+
+# --- accuracy statistics on hand-made predictions ------------------------------------------------------------
+
+def test_top_k_per_class_and_confusion_matrix_on_a_hand_made_case():
+    logits = np.array([[0.9, 0.1, 0.0], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+    labels = np.array([0, 2, 1, 2])
+    np.testing.assert_array_equal(top_k_hits(logits, labels, 1), [True, False, False, True])
+    np.testing.assert_array_equal(top_k_hits(logits, labels, 2), [True, True, True, True])
+    predictions = logits.argmax(1)  # [0, 1, 0, 2]
+    assert per_class_accuracy(predictions, labels, 4) == [1.0, 0.0, 0.5, None]
+    assert confusion_matrix(labels, predictions, 3) == [[1, 0, 0], [1, 0, 0], [0, 1, 1]]
+
+
+def test_accuracy_metrics_pair_the_models_on_the_same_images():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 10, 1000)
+    teacher = rng.normal(size=(1000, 10))
+    teacher[np.arange(1000)[:900], labels[:900]] += 10  # right on 90%
+    student = teacher.copy()
+    student[:20] = rng.normal(size=(20, 10))  # differs from the teacher on at most 20 images
+    metrics, differences = accuracy_metrics({"teacher": teacher, "student_fp32": student, "artifact": teacher},
+                                            labels, 10, 500, seed=0)
+    assert metrics["teacher"]["accuracy"] == pytest.approx(np.mean(teacher.argmax(1) == labels))
+    assert metrics["artifact"]["agreement"] == 1.0 and metrics["artifact"]["agreement_ci95"] == [1.0, 1.0]
+    assert differences["artifact_minus_teacher"] == {"value": 0.0, "ci95": [0.0, 0.0]}
+    diff = differences["artifact_minus_student_fp32"]
+    assert diff["ci95"][0] <= diff["value"] <= diff["ci95"][1] and diff["ci95"][1] - diff["ci95"][0] < 0.03
+    for name in ("teacher", "student_fp32", "artifact"):
+        m = metrics[name]
+        assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
+        assert m["accuracy"] <= m["top5"] and m["top5_ci95"][0] <= m["top5"] <= m["top5_ci95"][1]
+    matrix = np.array(metrics["artifact"]["confusion_matrix"])
+    assert matrix.sum() == 1000 and np.trace(matrix) / 1000 == metrics["artifact"]["accuracy"]
+    top5_free, _ = accuracy_metrics({n: teacher[:, :5] for n in ("teacher", "student_fp32", "artifact")},
+                                    labels % 5, 5, 100, seed=0)
+    assert "top5" not in top5_free["artifact"]  # top-5 of 5 classes is always 1: not reported
+
+
+# --- a real small run, shared by test_report.py and test_check.py ---------------------------------------------
+
+_small_runs: dict[Path, Path] = {}  # one run per test session (its base temp folder), for every test module
+
+
+def small_run_dir(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
+    """One `edgecompress compress` per test session on 600 training and 200 test images of Fashion-MNIST
+    (60 and 20 per class), a tiny factory teacher, resnet_slim_050 for 1 epoch and short latency runs."""
+    root = tmp_path_factory.getbasetemp()
+    if root not in _small_runs:
+        base = tmp_path_factory.mktemp("small-run")
+
+        def take(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+            x, y = fashion_raw[f"x_{split}"], fashion_raw[f"y_{split}"]
+            idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
+            return x[idx], y[idx].astype(np.int64)
+
+        (x, y), (x_test, y_test) = take("train", 60), take("test", 20)
+        np.savez(base / "fmnist.npz", x=x, y=y, x_test=x_test, y_test=y_test)
+        (base / "config.toml").write_text(SMALL_RUN_CONFIG)
+        args = ["compress", "--teacher", teacher_spec, "--data", str(base / "fmnist.npz"), "--student",
+                "resnet_slim_050", "--epochs", "1", "--target", str(lenient_target(base / "target.toml")),
+                "--config", str(base / "config.toml"), "--out", str(base / "run"), "--quiet"]
+        assert main(args) == 0
+        _small_runs[root] = base / "run"
+    return _small_runs[root]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
+    return small_run_dir(tmp_path_factory, fashion_raw, teacher_spec)
+
+
+def test_report_json_keeps_the_design_fields_and_adds_intervals(small_run):
+    report = json.loads((small_run / "verify" / "report.json").read_text())
+    for key in ("schema", "target", "teacher", "student_fp32", "artifact", "speedup_vs_teacher", "size_ratio",
+                "accuracy_drop_pt", "budgets", "unverified"):
+        assert key in report
+    assert report["schema"] == 1 and report["data"]["eval_images"] == 200
+    assert report["data"]["eval_per_class"] == [20] * 10 and len(report["data"]["classes"]) == 10
+    assert report["artifact"]["format"] == "onnx-qdq-int8" and report["artifact"]["runtime"] == "onnxruntime-int8"
+    assert report["student_fp32"]["format"] == "onnx-fp32"
+    for name in ("teacher", "student_fp32", "artifact"):
+        m = report[name]
+        for metric in ("accuracy", "top5") + (("agreement",) if name != "teacher" else ()):
+            assert 0 <= m[f"{metric}_ci95"][0] <= m[metric] <= m[f"{metric}_ci95"][1] <= 1
+        classes = np.array(m["per_class_accuracy"])
+        assert classes.mean() == pytest.approx(m["accuracy"])  # 20 images in every class
+        for batch, entry in m["latency_ms"].items():
+            assert entry["p50_ci95"][0] <= entry["p50"] <= entry["p50_ci95"][1]
+            assert entry["min"] <= entry["p50"] <= entry["p90"] <= entry["p99"] and entry["mad"] >= 0
+            assert entry["runs"] == (60 if batch == "bs1" else 8)
+    matrix = np.array(report["artifact"]["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum(axis=1).tolist() == [20] * 10
+    assert np.diag(matrix) / 20 == pytest.approx(report["artifact"]["per_class_accuracy"])
+    drop = report["accuracy_differences"]["artifact_minus_teacher"]
+    assert drop["value"] * -100 == pytest.approx(report["accuracy_drop_pt"], abs=1e-3)
+    assert drop["ci95"][0] <= drop["value"] <= drop["ci95"][1]
+    assert report["statistics"]["resamples"] == stats.RESAMPLES and report["statistics"]["seed"] == 0
+
+
+def test_latency_json_holds_every_timed_run_that_the_summary_was_made_from(small_run):
+    report = json.loads((small_run / "verify" / "report.json").read_text())
+    timings = json.loads((small_run / "verify" / "latency.json").read_text())["timings"]
+    assert set(timings) == {"teacher", "student_fp32", "artifact"}
+    for name, by_batch in timings.items():
+        assert set(by_batch) == set(report[name]["latency_ms"])
+        for batch, values in by_batch.items():
+            entry = report[name]["latency_ms"][batch]
+            assert len(values) == entry["runs"]
+            assert np.median(values) == pytest.approx(entry["p50"], abs=2e-4)
+            assert min(values) == pytest.approx(entry["min"], abs=2e-4)
+
+
+def test_plots_are_written_as_png_files(small_run):
+    for stem in ("tradeoff", "per_class", "latency"):
+        png = (small_run / "verify" / "plots" / f"{stem}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    assert not list((small_run / "verify").rglob("*.tmp"))
+
+
+def test_onnx_format_is_read_from_the_graph(small_run):
+    assert onnx_format(small_run / "export" / "test-cpu" / "model.onnx") == "onnx-qdq-int8"
+    assert onnx_format(small_run / "quantize" / "student.fp32.onnx") == "onnx-fp32"
