@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput
-from .verify import SCHEMA, SUBJECTS
+
+SCHEMA = 1  # report.json's schema (DESIGN.md): bumped when a field changes meaning; `validate` reads it
+SUBJECTS = ("teacher", "student_fp32", "artifact")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,10 @@ from edgecompress.models import count_params
 from . import config as cfg
 from . import data as datasets
 from . import files, report, stats
+from .check import SCHEMA, SUBJECTS
 from .runner import RunContext, Stage
 from .runners import OrtRunner, TorchRunner, predict
 
-SCHEMA = 1
-SUBJECTS = ("teacher", "student_fp32", "artifact")
 TOP_K = 5  # top-5 accuracy is reported when there are more than TOP_K classes
 
 
@@ -77,7 +76,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def _interval(samples: np.ndarray) -> list[float]:
-    return list(stats.percentile_interval(samples))
+    """The 95% percentile interval, rounded to 1e-6 (finer than one image in a million)."""
+    return [round(bound, 6) for bound in stats.percentile_interval(samples)]
 
 
 def accuracy_metrics(logits: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, resamples: int,
@@ -107,7 +107,7 @@ def accuracy_metrics(logits: dict[str, np.ndarray], labels: np.ndarray, num_clas
     for other in ("teacher", "student_fp32"):
         value = metrics["artifact"]["accuracy"] - metrics[other]["accuracy"]
         resampled = column["artifact", "accuracy"] - column[other, "accuracy"]
-        differences[f"artifact_minus_{other}"] = {"value": value, "ci95": _interval(resampled)}
+        differences[f"artifact_minus_{other}"] = {"value": round(value, 6), "ci95": _interval(resampled)}
     return metrics, differences
 
 

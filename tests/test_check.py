@@ -89,7 +89,6 @@ def test_the_fp32_models_size_and_latency_where_the_artifact_was_is_a_regression
     assert code == 1 and out.count("REGRESSION:") == 1 and "REGRESSION: artifact file grew 2.5x" in out
 
 
-@pytest.mark.slow
 def test_a_real_fp32_model_in_the_artifacts_place_is_caught_and_a_real_unchanged_rerun_passes(small_run, tmp_path,
                                                                                               capsys):
     """Rerun `edgecompress verify` twice on copies of the small run: once unchanged (it must pass against the
