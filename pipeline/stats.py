@@ -56,9 +56,14 @@ def median_interval(timings: np.ndarray, resamples: int = RESAMPLES, seed: int =
     block = min(n, block or block_length(n))
     blocks_per_resample = -(-n // block)
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, n - block + 1, size=(resamples, blocks_per_resample))
-    picks = (starts[:, :, None] + np.arange(block)).reshape(resamples, -1)[:, :n]
-    return percentile_interval(np.median(timings[picks], axis=1), level)
+    chunk = max(1, _GATHER_LIMIT // n)
+    medians = np.empty(resamples)
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        starts = rng.integers(0, n - block + 1, size=(count, blocks_per_resample))
+        picks = (starts[:, :, None] + np.arange(block)).reshape(count, -1)[:, :n]
+        medians[start:start + count] = np.median(timings[picks], axis=1)
+    return percentile_interval(medians, level)
 
 
 def median_absolute_deviation(timings: np.ndarray) -> float:

@@ -23,25 +23,32 @@ from .runner import RunContext, Stage
 from .runners import OrtRunner, TorchRunner, predict
 
 TOP_K = 5  # top-5 accuracy is reported when there are more than TOP_K classes
+MIN_TIMED_SECONDS = 1.0  # per model and batch size, unless the run config's [verify] sets latency_min_seconds
+MAX_TIMED_RUNS = 20_000  # bounds latency.json when one call takes microseconds
 
 
 def time_runs(runner: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, batch: int, warmup: int, runs: int,
-              progress) -> np.ndarray:
-    """Milliseconds of each of `runs` timed calls after `warmup` untimed ones, inputs rotated through up to 8
-    batches of real images so no single input's cache footprint decides the result."""
+              min_seconds: float, progress) -> np.ndarray:
+    """Milliseconds of each timed call after `warmup` untimed ones: at least `runs` calls and at least
+    `min_seconds` of them (at most MAX_TIMED_RUNS), so that the median spans many scheduler periods and a burst of
+    other work on the machine slows only part of the runs (the minimum-time rule of timeit's autorange and pyperf).
+    Inputs rotate through up to 8 batches of real images so no single input's cache footprint decides the result."""
     count = max(1, min(8, len(images) // batch))
     inputs = [datasets.to_float(images[i * batch:(i + 1) * batch]).numpy() for i in range(count)]
     inputs = [x for x in inputs if len(x) == batch] or [np.repeat(inputs[0][:1], batch, axis=0)]
     for i in range(warmup):
         runner(inputs[i % len(inputs)])
-    times = np.empty(runs)
-    with progress(range(runs)) as bar:
-        for i in bar:
-            x = inputs[i % len(inputs)]
+    times: list[float] = []
+    started = time.perf_counter()
+    with progress(runs) as bar:
+        while len(times) < runs or (len(times) < MAX_TIMED_RUNS and time.perf_counter() - started < min_seconds):
+            x = inputs[len(times) % len(inputs)]
             began = time.perf_counter()
             runner(x)
-            times[i] = (time.perf_counter() - began) * 1e3
-    return times
+            times.append((time.perf_counter() - began) * 1e3)
+            if len(times) <= runs:
+                bar.update(1)
+    return np.array(times)
 
 
 def latency_summary(times: np.ndarray, batch: int, resamples: int, seed: int) -> dict:
@@ -149,6 +156,7 @@ def inputs(ctx: RunContext) -> dict:
 def run(ctx: RunContext) -> Path:
     conf, target, ds = ctx.config.verify, ctx.target, ctx.data
     resamples = getattr(conf, "bootstrap_resamples", stats.RESAMPLES)
+    min_seconds = getattr(conf, "latency_min_seconds", MIN_TIMED_SECONDS)
     seed = ctx.config.seed
     out_dir = ctx.stage_dir("verify")
     teacher_model, teacher_info = ctx.teacher
@@ -174,8 +182,8 @@ def run(ctx: RunContext) -> Path:
         latency, timings[name] = {}, {}
         for batch in target.batch:
             runs = conf.latency_runs_bs1 if batch == 1 else conf.latency_runs_batch
-            bar = lambda items, b=batch: ctx.progress(items, f"{name} latency bs{b}")  # noqa: E731
-            times = time_runs(timed, ds.x_eval, batch, conf.warmup_runs, runs, bar)
+            bar = lambda length, b=batch: ctx.progress(None, f"{name} latency bs{b}", length)  # noqa: E731
+            times = time_runs(timed, ds.x_eval, batch, conf.warmup_runs, runs, min_seconds, bar)
             latency[f"bs{batch}"] = latency_summary(times, batch, resamples, seed)
             timings[name][f"bs{batch}"] = [round(float(t), 4) for t in times]
         results[name] = {"latency_ms": latency, "runtime": timed.runtime, "settings": timed.settings()}

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edgecompress import stats
+from edgecompress.config import RunConfig
+from edgecompress.runner import RunContext
 from edgecompress.cli import main
-from edgecompress.verify import accuracy_metrics, confusion_matrix, onnx_format, per_class_accuracy, top_k_hits
+from edgecompress.verify import (MAX_TIMED_RUNS, accuracy_metrics, confusion_matrix, onnx_format, per_class_accuracy,
+                                 time_runs, top_k_hits)
 
 from test_compress import lenient_target
 
@@ -91,6 +96,33 @@ def test_block_bootstrap_widens_the_median_interval_when_slow_runs_come_in_burst
 
 def test_median_absolute_deviation():
     assert stats.median_absolute_deviation(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == 1.0
+
+
+# --- the timing loop ------------------------------------------------------------------------------------------
+
+def test_timed_runs_rotate_real_batches_and_last_at_least_the_minimum_time(fashion_raw, tmp_path):
+    images = torch.from_numpy(fashion_raw["x_test"][:40, None].copy())
+    seen: list[float] = []
+
+    def runner(x: np.ndarray) -> np.ndarray:
+        seen.append(float(x.sum()))
+        return x.reshape(len(x), -1)[:, :10]
+
+    quiet = RunContext(tmp_path, RunConfig(), quiet=True)
+    progress = lambda length: quiet.progress(None, "timing", length)  # noqa: E731
+    times = time_runs(runner, images, 4, warmup=3, runs=20, min_seconds=0.0, progress=progress)
+    assert len(times) == 20 and len(seen) == 23 and (times > 0).all()
+    assert len(set(seen[3:])) == 8 and seen[3:11] == seen[11:19]  # 8 distinct real batches, in turn
+
+    def slow_runner(x: np.ndarray) -> np.ndarray:
+        time.sleep(0.002)
+        return runner(x)
+
+    started = time.perf_counter()
+    times = time_runs(slow_runner, images, 4, warmup=0, runs=5, min_seconds=0.3, progress=progress)
+    assert time.perf_counter() - started >= 0.3 and 5 < len(times) < 160
+    # a call of microseconds stops at MAX_TIMED_RUNS, however long the minimum time
+    assert len(time_runs(runner, images, 4, warmup=0, runs=5, min_seconds=60.0, progress=progress)) == MAX_TIMED_RUNS
 
 
 # --- accuracy statistics on hand-made predictions ------------------------------------------------------------
@@ -181,7 +213,7 @@ def test_report_json_keeps_the_design_fields_and_adds_intervals(small_run):
         for batch, entry in m["latency_ms"].items():
             assert entry["p50_ci95"][0] <= entry["p50"] <= entry["p50_ci95"][1]
             assert entry["min"] <= entry["p50"] <= entry["p90"] <= entry["p99"] and entry["mad"] >= 0
-            assert entry["runs"] == (60 if batch == "bs1" else 8)
+            assert entry["runs"] >= (60 if batch == "bs1" else 8)  # and at least latency_min_seconds of runs
     matrix = np.array(report["artifact"]["confusion_matrix"])
     assert matrix.shape == (10, 10) and matrix.sum(axis=1).tolist() == [20] * 10
     assert np.diag(matrix) / 20 == pytest.approx(report["artifact"]["per_class_accuracy"])
