@@ -170,7 +170,8 @@ def plot_latency(r: dict, timings: dict[str, dict[str, list[float]]]) -> bytes:
     for row, batch in enumerate(batches):
         spread, sequence = axes[row]
         series = [np.asarray(timings[name][batch]) for name, _ in SUBJECTS]
-        spread.boxplot(series, orientation="horizontal", tick_labels=[t for _, t in SUBJECTS], showfliers=False, widths=0.5)
+        spread.boxplot(series, orientation="horizontal", tick_labels=[t for _, t in SUBJECTS], showfliers=False,
+                       widths=0.5)
         for i, (values, (name, _)) in enumerate(zip(series, SUBJECTS)):
             spread.scatter(values, i + 1 + rng.uniform(-0.18, 0.18, len(values)), s=6, alpha=0.5,
                            color=COLOURS[name])

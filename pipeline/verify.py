@@ -225,6 +225,7 @@ def run(ctx: RunContext) -> Path:
         "unverified": [],
         "statistics": {
             "level": stats.LEVEL, "resamples": resamples, "seed": seed,
+            "latency_min_seconds": min_seconds, "latency_max_runs": MAX_TIMED_RUNS,
             "accuracy": "paired percentile bootstrap over eval images (Efron 1979)",
             "latency_p50": "moving-block percentile bootstrap over consecutive timed runs (Kuensch 1989), "
                            "block length round(runs^(1/3))"},

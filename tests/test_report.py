@@ -133,7 +133,8 @@ def test_markdown_shows_intervals_per_class_accuracy_and_the_confusion_matrix(wr
     text = reports.markdown(report)
     for name in SUBJECTS:
         m = report[name]
-        assert f"{m['accuracy'] * 100:.2f}% [{m['accuracy_ci95'][0] * 100:.2f}, {m['accuracy_ci95'][1] * 100:.2f}]" in text
+        low, high = m["accuracy_ci95"]
+        assert f"{m['accuracy'] * 100:.2f}% [{low * 100:.2f}, {high * 100:.2f}]" in text
         p50 = m["latency_ms"]["bs1"]
         assert f"{p50['p50']:.3f} [{p50['p50_ci95'][0]:.3f}, {p50['p50_ci95'][1]:.3f}]" in text
     assert "## Per-class top-1" in text and "## Confusion matrix of the artifact" in text

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from edgecompress import stats
+from edgecompress.cli import main
 from edgecompress.config import RunConfig
 from edgecompress.runner import RunContext
-from edgecompress.cli import main
-from edgecompress.verify import (MAX_TIMED_RUNS, accuracy_metrics, confusion_matrix, onnx_format, per_class_accuracy,
-                                 time_runs, top_k_hits)
+from edgecompress.verify import (MAX_TIMED_RUNS, MIN_TIMED_SECONDS, accuracy_metrics, confusion_matrix, onnx_format,
+                                 per_class_accuracy, time_runs, top_k_hits)
 
 from test_compress import lenient_target
 
@@ -221,6 +221,7 @@ def test_report_json_keeps_the_design_fields_and_adds_intervals(small_run):
     assert drop["value"] * -100 == pytest.approx(report["accuracy_drop_pt"], abs=1e-3)
     assert drop["ci95"][0] <= drop["value"] <= drop["ci95"][1]
     assert report["statistics"]["resamples"] == stats.RESAMPLES and report["statistics"]["seed"] == 0
+    assert report["statistics"]["latency_min_seconds"] == MIN_TIMED_SECONDS
 
 
 def test_latency_json_holds_every_timed_run_that_the_summary_was_made_from(small_run):
