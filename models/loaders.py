@@ -43,8 +43,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         lines = [line.strip() for line in text.splitlines() if line.strip()
                  and not line.startswith(("Weights only load failed", "Check the documentation", "Please file"))]
         if "weightsunpickler error" in text.lower() or "unsupported global" in text.lower():
+            detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
             raise BadInput(f"{path} was refused: it holds more than tensors and plain containers "
-                           f"({lines[0][:160] if lines else 'unsupported content'}), and loading it would need "
+                           f"({detail[:160] or 'unsupported content'}), and loading it would need "
                            "arbitrary unpickling; save a plain state dict with torch.save(model.state_dict(), path)") from None
         reason = lines[0][:160] if lines else type(exc).__name__
         raise BadInput(f"{path} is not a readable PyTorch checkpoint ({reason}); "

@@ -76,7 +76,7 @@ def train(model_name: str, data_spec: str, epochs: int, seed: int, batch: int, l
     meta = {"model": model_name, "data": data_spec, "data_sha256_16": ds.sha256_16,
             "in_channels": ds.input_shape[0], "num_classes": ds.num_classes, "input_size": list(ds.input_shape[1:]),
             "mean": mean, "std": std, "eval_top1": acc, "epochs": epochs, "seed": seed, "batch": batch, "lr": lr,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "command": f"python -m edgecompress.models.train_teacher {model_name} --data {data_spec} "
                        f"--epochs {epochs} --seed {seed} --batch {batch} --lr {lr}"}
     WEIGHTS_DIR.mkdir(exist_ok=True)
