@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from . import files
 
@@ -106,6 +107,15 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _log_scale(ax, which: str) -> None:
+    """Make `ax`'s x or y axis logarithmic, ticked at 1, 2 and 5 times powers of ten, labelled plainly (0.5, 2, 50)."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
 def plot_tradeoff(r: dict) -> bytes:
     """Top-1 against batch-1 p50 latency (log scale), bubble area proportional to size, with 95% intervals."""
     batch = _batches(r)[0]
@@ -121,7 +131,7 @@ def plot_tradeoff(r: dict) -> bytes:
         ax.scatter(lat["p50"], acc, s=60 + 2400 * m["size_bytes"] / largest, alpha=0.55, color=COLOURS[name],
                    edgecolors="black", label=f"{title}: {_mb(m['size_bytes'])}")
         ax.annotate(title, (lat["p50"], acc), textcoords="offset points", xytext=(8, 8), fontsize=9)
-    ax.set_xscale("log")
+    _log_scale(ax, "x")
     ax.set_xlabel(f"{batch} p50 latency (ms, log scale; bars: 95% CI)")
     ax.set_ylabel("top-1 accuracy (%; bars: 95% CI)")
     ax.set_title(f"Accuracy vs latency vs size (bubble area) on {r['target']}")
@@ -170,17 +180,17 @@ def plot_latency(r: dict, timings: dict[str, dict[str, list[float]]]) -> bytes:
     for row, batch in enumerate(batches):
         spread, sequence = axes[row]
         series = [np.asarray(timings[name][batch]) for name, _ in SUBJECTS]
-        spread.boxplot(series, orientation="horizontal", tick_labels=[t for _, t in SUBJECTS], showfliers=False,
-                       widths=0.5)
+        labels = [f"{title}\n{len(values)} runs" for values, (_, title) in zip(series, SUBJECTS)]
+        spread.boxplot(series, orientation="horizontal", tick_labels=labels, showfliers=False, widths=0.5)
         for i, (values, (name, _)) in enumerate(zip(series, SUBJECTS)):
             spread.scatter(values, i + 1 + rng.uniform(-0.18, 0.18, len(values)), s=6, alpha=0.5,
                            color=COLOURS[name])
             sequence.plot(np.arange(1, len(values) + 1), values, ".-", ms=3, lw=0.6, color=COLOURS[name],
                           label=SUBJECTS[i][1])
-        spread.set_xscale("log")
+        _log_scale(spread, "x")
         spread.set_xlabel(f"{batch} latency per batch (ms, log scale)")
-        spread.set_title(f"{batch}: every timed run ({len(series[0])} runs)")
-        sequence.set_yscale("log")
+        spread.set_title(f"{batch}: every timed run")
+        _log_scale(sequence, "y")
         sequence.set_xlabel("timed run")
         sequence.set_ylabel("ms (log scale)")
         sequence.set_title(f"{batch}: in the order timed")
