@@ -63,5 +63,6 @@ def _slim_resnet(in_channels: int, num_classes: int, width: float) -> ResNet:
     return ResNet(in_channels, num_classes, widths, (1, 1, 1), (1, 2, 2))
 
 
-for _name, _width in (("resnet_slim_050", 0.5), ("resnet_slim_100", 1.0), ("resnet_slim_200", 2.0)):
+for _name, _width in (("resnet_slim_050", 0.5), ("resnet_slim_100", 1.0), ("resnet_slim_150", 1.5),
+                      ("resnet_slim_200", 2.0)):
     register(_name, "resnet_slim", f"slim ResNet-8, channels 16-32-64 x {_width}", width=_width)(_slim_resnet)

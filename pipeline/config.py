@@ -21,11 +21,11 @@ class TeacherConfig:
 
 @dataclass
 class DistillConfig:
-    student: str = "resnet_slim_200"  # zoo name or path/to/file.py:factory
+    student: str = "resnet_slim_150"  # zoo name or path/to/file.py:factory
     method: str = "hinton"
     temperature: float = 4.0          # Hinton et al. 2015 use T in [2, 20]; 4 is mdistiller's CIFAR default
     alpha: float = 0.9                # weight of the KD term; 1 - alpha weighs cross-entropy on labels
-    epochs: int = 6
+    epochs: int = 8
     batch: int = 128
     lr: float = 0.05
     weight_decay: float = 5e-4

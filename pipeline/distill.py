@@ -89,7 +89,7 @@ def run(ctx: RunContext) -> Path:
     gen = torch.Generator().manual_seed(seed)
     history, start_epoch = [], 0
     ckpt_path, key = out_dir / "last.ckpt", files.sha256_json(inputs(ctx))
-    if ckpt_path.is_file():
+    if ckpt_path.is_file() and not ctx.force:  # --force means from scratch
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("key") == key:
             distiller.load_state_dict(ckpt["distiller"])
