@@ -120,6 +120,50 @@ def case_teacher_class_count_mismatch(w, npz, teacher):
     return ["--data", str(npz), "--teacher", spec, *STUDENT], ["teacher outputs 5 classes", "has 10"]
 
 
+def case_teacher_input_shape_mismatch(w, npz, teacher):
+    spec = w.inputs / "rgb_teacher.py"
+    spec.write_text("from edgecompress.models import create\n\n\ndef build():\n    return create('resnet_slim_050', 3, 10)\n")
+    return ["--data", str(npz), "--teacher", f"{spec}:build", *STUDENT], ["cannot take the data's images", "(1, 28, 28)"]
+
+
+def case_truncated_onnx_teacher(w, npz, teacher):
+    import torch
+
+    path = w.inputs / "teacher.onnx"
+    from edgecompress.models import create
+
+    torch.onnx.export(create("resnet_slim_050", 1, 10).eval(), (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False)
+    path.write_bytes(path.read_bytes()[:300])
+    return ["--data", str(npz), "--teacher", str(path), *STUDENT], [str(path), "not a valid ONNX model"]
+
+
+def case_config_key_typo(w, npz, teacher):
+    conf = w.inputs / "c.toml"
+    conf.write_text("[distill]\nepocs = 3\n")
+    return ["--data", str(npz), "--teacher", teacher, *STUDENT, "--config", str(conf)], \
+        ["unknown key distill.epocs", "did you mean distill.epochs"]
+
+
+def case_one_class_data(w, npz, teacher):
+    x = np.load(npz)["x"]
+    path = w.inputs / "one.npz"
+    np.savez(path, x=x, y=np.zeros(len(x), dtype=np.int64))
+    return ["--data", str(path), "--teacher", teacher, *STUDENT], ["1 class", "at least 2"]
+
+
+def case_corrupt_image_in_folder(w, npz, teacher):
+    from PIL import Image
+
+    x, y = np.load(npz)["x"], np.load(npz)["y"]
+    for i in range(40):
+        folder = w.inputs / "images" / f"c{y[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(folder / f"{i}.png")
+    bad = next((w.inputs / "images").rglob("*.png"))
+    bad.write_bytes(b"\x89PNG broken")
+    return ["--data", str(w.inputs / "images"), "--teacher", teacher, *STUDENT], [str(bad), "--skip-bad-images"]
+
+
 def case_zoo_teacher_without_weights(w, npz, teacher):
     return ["--data", str(npz), "--teacher", "resnet18_half", *STUDENT], \
         ["resnet18_half", "no shipped weights", "--teacher-weights"]
@@ -218,6 +262,8 @@ CASES = [
     case_ckpt_list_of_ints, case_ckpt_dict_of_strings, case_ckpt_empty_dict, case_ckpt_random_bytes,
     case_ckpt_text_file, case_ckpt_empty_file, case_ckpt_truncated, case_ckpt_wrong_architecture,
     case_epochs_zero, case_epochs_negative, case_epochs_not_a_number, case_unknown_option,
+    case_teacher_input_shape_mismatch, case_truncated_onnx_teacher, case_config_key_typo, case_one_class_data,
+    case_corrupt_image_in_folder,
 ]
 
 
