@@ -175,17 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         return exc.exit_code
-    except click.Abort:
-        click.echo("interrupted", err=True)
+    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("interrupted: finished stages and epochs are kept; rerun the same command to resume", err=True)
         return 130
     except EdgeError as exc:
         if debug:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished stages and epochs are kept; rerun the same command to resume", err=True)
-        return 130
     except Exception as exc:  # the last resort: one line, the traceback only on --debug
         if debug:
             traceback.print_exc()

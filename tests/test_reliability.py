@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
         return [sys.executable, "-m", "edgecompress", "compress", "--teacher", f"{factory}:build", "--data", str(npz),
                 "--student", "resnet_slim_100", "--target", str(target), "--config", str(conf), "--out", str(out)]
 
-    straight = subprocess.run(command(root / "straight"), capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(command(root / "straight"), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
     return command, root / "straight"
 
@@ -57,7 +57,7 @@ def test_sigkill_during_distillation_resumes_from_the_last_epoch_and_matches(set
     assert not (run / "distill" / "student.pt").exists()
     assert not (run / "distill" / "done.json").exists()
 
-    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stderr
     assert final_metrics(run) == final_metrics(straight)
@@ -71,7 +71,7 @@ def test_sigkill_during_quantization_leaves_nothing_trusted_and_the_rerun_matche
     assert not (run / "quantize" / "done.json").exists()
     assert not list(run.glob("export/*/done.json"))
 
-    rerun = subprocess.run(command(run), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "[distill] up to date, skipped" in rerun.stderr
     assert final_metrics(run) == final_metrics(straight)
@@ -83,8 +83,27 @@ def test_a_diverging_loss_stops_with_a_clear_message(setup, tmp_path):
     conf = tmp_path / "nan.toml"
     conf.write_text("[distill]\nepochs = 2\nlr = 1e30\n")
     args[args.index("--config") + 1] = str(conf)
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the distillation loss became") and "lower the learning rate" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_sigint_stops_with_one_line_and_the_rerun_resumes(setup, tmp_path):
+    command, straight = setup
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "distill" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished stages and epochs are kept")
+    assert "Traceback" not in err
+
+    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    assert final_metrics(run) == final_metrics(straight)
