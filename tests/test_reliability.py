@@ -50,17 +50,21 @@ def kill_when(command: list[str], appears: Path) -> None:
     proc.wait()
 
 
+def rerun_matches(command, run: Path, straight: Path, expected_in_log: str) -> None:
+    """Rerun the same command on `run`: it must finish, say `expected_in_log`, and end as the straight run did."""
+    rerun = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert expected_in_log in rerun.stderr
+    assert final_metrics(run) == final_metrics(straight)
+
+
 def test_sigkill_during_distillation_resumes_from_the_last_epoch_and_matches(setup, tmp_path):
     command, straight = setup
     run = tmp_path / "killed"
     kill_when(command(run), run / "distill" / "last.ckpt")
     assert not (run / "distill" / "student.pt").exists()
     assert not (run / "distill" / "done.json").exists()
-
-    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stderr
-    assert final_metrics(run) == final_metrics(straight)
+    rerun_matches(command, run, straight, "resuming after epoch")
 
 
 def test_sigkill_during_quantization_leaves_nothing_trusted_and_the_rerun_matches(setup, tmp_path):
@@ -70,11 +74,7 @@ def test_sigkill_during_quantization_leaves_nothing_trusted_and_the_rerun_matche
     assert (run / "distill" / "done.json").exists()
     assert not (run / "quantize" / "done.json").exists()
     assert not list(run.glob("export/*/done.json"))
-
-    rerun = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "[distill] up to date, skipped" in rerun.stderr
-    assert final_metrics(run) == final_metrics(straight)
+    rerun_matches(command, run, straight, "[distill] up to date, skipped")
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(setup, tmp_path):
@@ -102,8 +102,4 @@ def test_sigint_stops_with_one_line_and_the_rerun_resumes(setup, tmp_path):
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1].startswith("interrupted: finished stages and epochs are kept")
     assert "Traceback" not in err
-
-    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stderr
-    assert final_metrics(run) == final_metrics(straight)
+    rerun_matches(command, run, straight, "resuming after epoch")
