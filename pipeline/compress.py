@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 from . import distill, export, quantize, verify
-from .runner import RunContext, Stage, run_stage, write_run_toml
+from .errors import BadInput
+from .modelcheck import check_classifier
+from .runner import RunContext, Stage, is_done, run_stage, write_run_toml
 
 STAGE_NAMES = ("distill", "quantize", "export", "verify")
 
@@ -18,7 +20,6 @@ def check_inputs(ctx: RunContext) -> None:
     """Fail fast on bad input, before any long work: target, data, teacher and student must fit together."""
     ctx.target  # noqa: B018  (loading validates)
     ctx.teacher  # noqa: B018  (loads the data too, and checks the teacher against it)
-    from .modelcheck import check_classifier
 
     check_classifier(distill.build_student(ctx), ctx.data, "student")
 
@@ -34,9 +35,6 @@ def compress(ctx: RunContext) -> dict:
 
 def run_one(ctx: RunContext, name: str) -> Path:
     """One stage against an existing run directory; its upstream stage must be finished."""
-    from .errors import BadInput
-    from .runner import is_done
-
     all_stages = stages(ctx)
     position = STAGE_NAMES.index(name)
     if position > 0:

@@ -13,7 +13,7 @@ from . import config as cfg
 from . import data as datasets
 from . import distillers, files
 from .errors import BadInput, StageFailed
-from .runner import RunContext, Stage
+from .runner import RunContext, Stage, digest
 
 
 def device_and_precision(setting: str) -> tuple[torch.device, torch.dtype | None]:
@@ -34,23 +34,15 @@ def build_student(ctx: RunContext) -> torch.nn.Module:
 
 
 def inputs(ctx: RunContext) -> dict:
-    teacher = ctx.config.teacher
     return {"distill": ctx.config.distill.__dict__, "seed": ctx.config.seed, "data": ctx.data.sha256_16,
-            "teacher": teacher.spec, "teacher_file": _teacher_file(ctx),
-            "teacher_weights": Path(ctx.teacher[1]["weights"]) if ctx.teacher[1]["weights"] else ""}
-
-
-def _teacher_file(ctx: RunContext):
-    spec = ctx.config.teacher.spec
-    file = spec.rpartition(":")[0] if ":" in spec else spec
-    return Path(file) if Path(file).is_file() else spec
+            **ctx.teacher_inputs}
 
 
 @torch.inference_mode()
 def teacher_logits(ctx: RunContext, device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
     """Teacher logits for every training image, computed once: the data is not augmented, so they never change."""
     cache = ctx.stage_dir("distill") / "teacher_logits.pt"
-    key = files.sha256_json({k: v for k, v in inputs(ctx).items() if k != "distill"})
+    key = digest({k: v for k, v in inputs(ctx).items() if k != "distill"})
     if cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved.get("key") == key:
@@ -88,7 +80,7 @@ def run(ctx: RunContext) -> Path:
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
     history, start_epoch = [], 0
-    ckpt_path, key = out_dir / "last.ckpt", files.sha256_json(inputs(ctx))
+    ckpt_path, key = out_dir / "last.ckpt", digest(inputs(ctx))
     if ckpt_path.is_file() and not ctx.force:  # --force means from scratch
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("key") == key:

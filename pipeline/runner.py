@@ -62,6 +62,15 @@ class RunContext:
         check_classifier(model, ds, "teacher")
         return model, info
 
+    @cached_property
+    def teacher_inputs(self) -> dict:
+        """What the teacher depends on, for the stages that run it: its spec, and its files by content."""
+        spec = self.config.teacher.spec
+        file = Path(spec.rpartition(":")[0] if ":" in spec else spec)
+        weights = self.teacher[1]["weights"]
+        return {"teacher": spec, "teacher_file": file if file.is_file() else spec,
+                "teacher_weights": Path(weights) if weights else ""}
+
     def stage_dir(self, name: str) -> Path:
         path = self.out / name
         path.mkdir(parents=True, exist_ok=True)
@@ -104,10 +113,13 @@ class Stage:
     inputs: Callable[[RunContext], dict]
 
 
+def digest(deps: dict) -> str:
+    """Hash of a stage's inputs: plain values as they are, files (Path values) by their content."""
+    return files.sha256_json({k: (files.sha256(v) if isinstance(v, Path) else v) for k, v in deps.items()})
+
+
 def fingerprint(ctx: RunContext, stage: Stage) -> str:
-    deps = stage.inputs(ctx)
-    resolved = {k: (files.sha256(v) if isinstance(v, Path) else v) for k, v in deps.items()}
-    return files.sha256_json({"stage": stage.name, **resolved})
+    return digest({"stage": stage.name, **stage.inputs(ctx)})
 
 
 def is_done(ctx: RunContext, stage: Stage, expected: str | None = None) -> bool:

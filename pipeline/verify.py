@@ -147,8 +147,7 @@ def onnx_format(path: Path) -> str:
 def inputs(ctx: RunContext) -> dict:
     target = ctx.target
     return {"verify": ctx.config.verify.__dict__, "target": target.to_dict() | {"source": ""},
-            "data": ctx.data.sha256_16, "teacher": ctx.config.teacher.spec,
-            "teacher_weights": Path(ctx.teacher[1]["weights"]) if ctx.teacher[1]["weights"] else "",
+            "data": ctx.data.sha256_16, **ctx.teacher_inputs,
             "student": ctx.out / "quantize" / "student.fp32.onnx",
             "artifact": ctx.out / "export" / target.name / "model.onnx"}
 

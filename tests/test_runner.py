@@ -119,3 +119,15 @@ def test_target_name_cannot_escape_the_run_directory(tmp_path):
         path.write_text(text.replace('name = "x86-cpu"', f'name = "{bad}"'))
         with pytest.raises(BadInput, match="must be letters, digits"):
             targets.load(str(path))
+
+
+def test_digest_follows_file_content_not_file_name(tmp_path):
+    """Resume and cache keys must change when a teacher's weights are replaced at the same path."""
+    from edgecompress.runner import digest
+
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(b"first weights")
+    before = digest({"teacher_weights": weights, "seed": 0})
+    weights.write_bytes(b"other weights")
+    assert digest({"teacher_weights": weights, "seed": 0}) != before
+    assert digest({"teacher_weights": str(weights), "seed": 0}) == digest({"teacher_weights": str(weights), "seed": 0})
