@@ -44,6 +44,7 @@ class VerifyConfig:
     latency_runs_batch: int = 30
     warmup_runs: int = 20
     eval_batch: int = 500
+    latency_sessions: int = 6  # fresh sessions per model and batch size; their spread is part of the p50 interval
 
 
 @dataclass
@@ -81,7 +82,7 @@ class RunConfig:
         positive = {"--epochs": d.epochs, "distill.batch": d.batch, "quantize.calibration_size":
                     self.quantize.calibration_size, "distill.lr": d.lr, "distill.temperature": d.temperature,
                     "verify.latency_runs_bs1": v.latency_runs_bs1, "verify.latency_runs_batch": v.latency_runs_batch,
-                    "verify.eval_batch": v.eval_batch}
+                    "verify.eval_batch": v.eval_batch, "verify.latency_sessions": v.latency_sessions}
         for name, value in positive.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")

@@ -4,18 +4,19 @@ from __future__ import annotations
 import json
 import math
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from edgecompress import stats
+from edgecompress import stats, verify
 from edgecompress.cli import main
 from edgecompress.config import RunConfig
 from edgecompress.runner import RunContext
-from edgecompress.verify import (MAX_TIMED_RUNS, MIN_TIMED_SECONDS, accuracy_metrics, confusion_matrix, onnx_format,
-                                 per_class_accuracy, time_runs, top_k_hits)
+from edgecompress.verify import (MAX_TIMED_RUNS, MIN_TIMED_SECONDS, WARMUP_WINDOW, accuracy_metrics, confusion_matrix,
+                                 onnx_format, per_class_accuracy, time_runs, top_k_hits)
 
 from test_compress import lenient_target
 
@@ -100,29 +101,87 @@ def test_median_absolute_deviation():
 
 # --- the timing loop ------------------------------------------------------------------------------------------
 
-def test_timed_runs_rotate_real_batches_and_last_at_least_the_minimum_time(fashion_raw, tmp_path):
-    images = torch.from_numpy(fashion_raw["x_test"][:40, None].copy())
-    seen: list[float] = []
+class RecordingRunner:
+    """A real callable model stand-in for the timing loop: records the sum of every input it was given."""
 
-    def runner(x: np.ndarray) -> np.ndarray:
-        seen.append(float(x.sum()))
+    def __init__(self, delay_s=lambda call: 0.0):
+        self.seen: list[float] = []
+        self.delay_s = delay_s
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s(len(self.seen)))
+        self.seen.append(float(x.sum()))
         return x.reshape(len(x), -1)[:, :10]
 
+
+def quiet_progress(tmp_path):
     quiet = RunContext(tmp_path, RunConfig(), quiet=True)
-    progress = lambda length: quiet.progress(None, "timing", length)  # noqa: E731
-    times = time_runs(runner, images, 4, warmup=3, runs=20, min_seconds=0.0, progress=progress)
-    assert len(times) == 20 and len(seen) == 23 and (times > 0).all()
-    assert len(set(seen[3:])) == 8 and seen[3:11] == seen[11:19]  # 8 distinct real batches, in turn
+    return lambda length: quiet.progress(None, "timing", length)
 
-    def slow_runner(x: np.ndarray) -> np.ndarray:
-        time.sleep(0.002)
-        return runner(x)
 
+def test_each_session_gets_a_fresh_runner_and_times_its_share_of_real_rotating_batches(fashion_raw, tmp_path):
+    images = torch.from_numpy(fashion_raw["x_test"][:40, None].copy())
+    made: list[RecordingRunner] = []
+
+    def make_runner() -> RecordingRunner:
+        made.append(RecordingRunner())
+        return made[-1]
+
+    sessions = time_runs(make_runner, images, 4, warmup=3, runs=20, min_seconds=0.0,
+                         progress=quiet_progress(tmp_path), sessions=2)
+    assert len(made) == 2 and [len(s) for s in sessions] == [10, 10]
+    assert all((s > 0).all() for s in sessions)
+    for runner in made:
+        timed = runner.seen[-10:]
+        assert len(runner.seen) >= 10 + 2 * WARMUP_WINDOW  # warmed up by at least two windows first
+        assert len(set(timed[:8])) == 8 and timed[:2] == timed[8:]  # 8 distinct real batches, in turn
+
+
+def test_timing_lasts_at_least_the_minimum_time_and_stops_at_the_run_cap(fashion_raw, tmp_path):
+    images = torch.from_numpy(fashion_raw["x_test"][:40, None].copy())
+    progress = quiet_progress(tmp_path)
     started = time.perf_counter()
-    times = time_runs(slow_runner, images, 4, warmup=0, runs=5, min_seconds=0.3, progress=progress)
-    assert time.perf_counter() - started >= 0.3 and 5 < len(times) < 160
+    sessions = time_runs(lambda: RecordingRunner(lambda call: 0.002), images, 4, warmup=0, runs=5,
+                         min_seconds=0.3, progress=progress, sessions=3)
+    assert time.perf_counter() - started >= 0.3 and 5 < sum(map(len, sessions)) < 160
     # a call of microseconds stops at MAX_TIMED_RUNS, however long the minimum time
-    assert len(time_runs(runner, images, 4, warmup=0, runs=5, min_seconds=60.0, progress=progress)) == MAX_TIMED_RUNS
+    sessions = time_runs(RecordingRunner, images, 4, warmup=0, runs=5, min_seconds=60.0, progress=progress,
+                         sessions=4)
+    assert sum(map(len, sessions)) == MAX_TIMED_RUNS
+
+
+def test_warm_up_goes_on_until_the_time_per_call_settles(fashion_raw, monkeypatch):
+    # The runner's call durations are made exact with a clock that only the runner advances.
+    clock = [0.0]
+    monkeypatch.setattr(verify, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def runner_taking(ms_of_call):
+        calls = []
+
+        def runner(x: np.ndarray) -> np.ndarray:
+            clock[0] += ms_of_call(len(calls)) / 1e3
+            calls.append(x)
+            return x
+        return runner
+
+    inputs = [fashion_raw["x_test"][:4, None].astype(np.float32)]
+    # 40, 35, ..., 10 ms and then 10 ms: window medians 30, 10, 10 ms, settled after the third window
+    assert verify.warm_up(runner_taking(lambda call: max(10, 40 - 5 * call)), inputs, min_calls=1) == 15
+    # a runner that settles at once still gets its minimum number of calls
+    assert verify.warm_up(runner_taking(lambda call: 1.0), inputs, min_calls=23) == 25
+    # one that never settles (every window 10% faster than the last) stops after WARMUP_MAX_SECONDS
+    calls = verify.warm_up(runner_taking(lambda call: 100 * 0.9 ** (call // WARMUP_WINDOW)), inputs, min_calls=1)
+    assert clock[0] > verify.WARMUP_MAX_SECONDS and calls % WARMUP_WINDOW == 0
+
+
+def test_the_median_interval_spans_the_spread_between_sessions():
+    rng = np.random.default_rng(0)
+    fast, slow = 0.175 + rng.normal(0, 0.001, 500), 0.24 + rng.normal(0, 0.001, 500)
+    entry = verify.latency_summary([fast, slow, fast], batch=1, resamples=200, seed=0)
+    low, high = entry["p50_ci95"]
+    assert low < 0.176 and high > 0.239  # each session's interval alone is about +/-0.0001 ms wide
+    assert entry["session_p50"] == pytest.approx([0.175, 0.24, 0.175], abs=2e-4)
+    assert entry["runs"] == 1500 and entry["min"] == pytest.approx(min(fast.min(), slow.min()), abs=1e-4)
 
 
 # --- accuracy statistics on hand-made predictions ------------------------------------------------------------
@@ -235,6 +294,12 @@ def test_latency_json_holds_every_timed_run_that_the_summary_was_made_from(small
             assert len(values) == entry["runs"]
             assert np.median(values) == pytest.approx(entry["p50"], abs=2e-4)
             assert min(values) == pytest.approx(entry["min"], abs=2e-4)
+            per_session = json.loads((small_run / "verify" / "latency.json").read_text())["runs_per_session"]
+            counts = per_session[name][batch]
+            assert sum(counts) == len(values) and len(counts) == report["statistics"]["latency_sessions"]
+            bounds = np.cumsum([0, *counts])
+            medians = [np.median(values[a:b]) for a, b in zip(bounds, bounds[1:])]
+            assert medians == pytest.approx(entry["session_p50"], abs=2e-4)
 
 
 def test_plots_are_written_as_png_files(small_run):
