@@ -6,20 +6,20 @@ from pathlib import Path
 
 import onnx
 
-from . import files
+from . import files, quantize
 from .errors import StageFailed
 from .runner import RunContext, Stage
 from .runners import OrtRunner
 
 
 def inputs(ctx: RunContext) -> dict:
-    return {"target": ctx.target.to_dict() | {"source": ""}, "model": ctx.out / "quantize" / "student.int8.onnx"}
+    return {"target": ctx.target.to_dict() | {"source": ""}, "model": quantize.artifact_path(ctx.out, ctx.target)}
 
 
 def run(ctx: RunContext) -> Path:
     target = ctx.target
     out_dir = ctx.stage_dir(f"export/{target.name}")
-    source = ctx.out / "quantize" / "student.int8.onnx"
+    source = quantize.artifact_path(ctx.out, target)
     artifact = out_dir / "model.onnx"
     with files.atomic_path(artifact) as tmp:
         shutil.copyfile(source, tmp)

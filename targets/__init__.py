@@ -12,8 +12,8 @@ from pathlib import Path
 from edgecompress.errors import BadInput
 
 PROFILE_DIR = Path(__file__).parent
-RUNTIMES = ("onnxruntime",)
-PRECISIONS = ("int8", "fp32")
+RUNTIMES = ("onnxruntime", "onnxruntime-mobile", "tensorrt")
+PRECISIONS = ("int8", "fp16", "fp32")
 QUANT_TYPES = ("uint8", "int8")
 
 

@@ -1,11 +1,19 @@
+import dataclasses
+
 import numpy as np
 import onnx
+import pytest
 import torch
+from onnx import numpy_helper
 
-from edgecompress import data
+from edgecompress import data, schemes, targets
+from edgecompress.errors import BadInput
 from edgecompress.models import Normalized, create
-from edgecompress.quantize import export_onnx, quantize_qdq
+from edgecompress.qdq_check import check_tensorrt_qdq
+from edgecompress.quantize import convert_fp16, export_onnx, quantize_qdq
 from edgecompress.runners import OrtRunner, TorchRunner, predict
+
+from conftest import write_factory
 
 
 def small_model():
@@ -14,6 +22,25 @@ def small_model():
 
 
 SPEC = {"input_shape": [1, 28, 28], "mean": [0.286], "std": [0.353], "classes": [str(i) for i in range(10)]}
+X86 = targets.load("x86-cpu")
+TENSORRT = dataclasses.replace(X86, name="trt", runtime="tensorrt", execution_providers=("TensorrtExecutionProvider",))
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return data.load("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp32") / "m.onnx"
+    export_onnx(small_model(), SPEC, 17, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(fashion):
+    return fashion.x_train[data.stratified_sample(fashion.y_train, 100, 0)]
 
 
 def test_fp32_onnx_matches_torch_and_carries_its_normalisation(tmp_path):
@@ -28,23 +55,184 @@ def test_fp32_onnx_matches_torch_and_carries_its_normalisation(tmp_path):
     assert OrtRunner(path, 1, "ort")(np.zeros((64, 1, 28, 28), np.float32)).shape == (64, 10)
 
 
-def test_x86_scheme_gives_uint8_activations_and_per_channel_int8_weights(tmp_path):
-    fashion = data.load("fashion-mnist")
-    fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
-    export_onnx(small_model(), SPEC, 17, fp32)
-    calib = fashion.x_train[data.stratified_sample(fashion.y_train, 100, 0)]
-    quantize_qdq(fp32, int8, calib, "minmax", "uint8", "int8", per_channel=True)
+def _zero_point_types(path) -> set[int]:
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    return {inits[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_x86_scheme_gives_uint8_activations_and_per_channel_int8_weights(tmp_path, fashion, fp32_model, calib):
+    int8 = tmp_path / "m.int8.onnx"
+    scheme = schemes.for_target(X86)
+    assert scheme.name == "onnxruntime-x86-qdq" and scheme.activation_type == "uint8"
+    quantize_qdq(fp32_model, int8, calib, "minmax", scheme)
+    assert _zero_point_types(int8) == {onnx.TensorProto.UINT8}
     graph = onnx.load(str(int8)).graph
     inits = {t.name: t for t in graph.initializer}
-    quant = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert quant and {inits[n.input[2]].data_type for n in quant} == {onnx.TensorProto.UINT8}
     weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
     assert weight_dq, "conv weights should be stored as int8"
     assert all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)  # per channel
-    assert not [p for p in tmp_path.iterdir() if p.name not in ("m.onnx", "m.int8.onnx")]  # no temp files left
+    assert not [p for p in tmp_path.iterdir() if p.name != "m.int8.onnx"]  # no temp files left
+    # uint8 activations break TensorRT's rules: the checker says so
+    assert any("uint8" in v for v in check_tensorrt_qdq(int8))
 
     # the int8 model computes the same function: it agrees with fp32 on real images
     x = fashion.x_eval[:500]
-    agree = (predict(OrtRunner(int8, 2, "int8"), x, 250).argmax(1) == predict(OrtRunner(fp32, 2, "fp32"), x, 250).argmax(1))
+    agree = (predict(OrtRunner(int8, 2, "int8"), x, 250).argmax(1) ==
+             predict(OrtRunner(fp32_model, 2, "fp32"), x, 250).argmax(1))
     assert agree.mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def tensorrt_model(tmp_path_factory, fp32_model, calib):
+    path = tmp_path_factory.mktemp("trt") / "m.trt.onnx"
+    quantize_qdq(fp32_model, path, calib, "minmax", schemes.for_target(TENSORRT))
+    return path
+
+
+def test_tensorrt_scheme_passes_the_checker(tensorrt_model, fashion, fp32_model):
+    assert check_tensorrt_qdq(tensorrt_model) == []
+    assert _zero_point_types(tensorrt_model) == {onnx.TensorProto.INT8}
+    graph = onnx.load(str(tensorrt_model)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # both inputs of every conv come through DequantizeLinear; conv outputs are not quantized (TensorRT fuses)
+    assert convs and all(producers[c.input[0]].op_type == producers[c.input[1]].op_type == "DequantizeLinear"
+                         for c in convs)
+    consumers = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n.op_type)
+    # Conv -> Relu stays unbroken (TensorRT fuses it); a conv output is quantized only as a residual Add's input
+    assert "Relu" in {op for c in convs for op in consumers[c.output[0]]}
+    assert all(consumers[c.output[0]] in (["Relu"], ["QuantizeLinear"]) for c in convs)
+    x = fashion.x_eval[:500]
+    agree = (predict(OrtRunner(tensorrt_model, 2, "int8"), x, 250).argmax(1) ==
+             predict(OrtRunner(fp32_model, 2, "fp32"), x, 250).argmax(1))
+    assert agree.mean() > 0.9
+
+
+def _rewrite(path, out, change):
+    model = onnx.load(str(path))
+    change(model.graph)
+    onnx.save(model, str(out))
+    return out
+
+
+def test_checker_catches_planted_violations(tmp_path, tensorrt_model, fp32_model):
+    def asymmetric(graph):  # shift one activation zero point away from 0
+        inits = {t.name: t for t in graph.initializer}
+        q = next(n for n in graph.node if n.op_type == "QuantizeLinear")
+        inits[q.input[2]].CopyFrom(numpy_helper.from_array(np.array(7, np.int8), q.input[2]))
+
+    def per_tensor_weight(graph):  # one conv weight with a single scale
+        inits = {t.name: t for t in graph.initializer}
+        weights = {n.input[1] for n in graph.node if n.op_type == "Conv"}
+        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in weights)
+        for i, value in ((1, np.array(0.01, np.float32)), (2, np.array(0, np.int8))):
+            inits[dq.input[i]].CopyFrom(numpy_helper.from_array(value, dq.input[i]))
+        del dq.attribute[:]
+
+    def float_input(graph):  # a conv whose activation skips its DequantizeLinear
+        producers = {o: n for n in graph.node for o in n.output}
+        conv = [n for n in graph.node if n.op_type == "Conv"][1]
+        conv.input[0] = producers[conv.input[0]].input[0].replace("_QuantizeLinear_Output", "")
+
+    found = {name: check_tensorrt_qdq(_rewrite(tensorrt_model, tmp_path / f"{name}.onnx", change))
+             for name, change in (("asymmetric", asymmetric), ("per_tensor", per_tensor_weight),
+                                  ("float_input", float_input))}
+    assert any("zero point [7]" in v for v in found["asymmetric"]), found["asymmetric"]
+    assert any("per tensor" in v for v in found["per_tensor"]), found["per_tensor"]
+    assert any("not fed by DequantizeLinear" in v for v in found["float_input"]), found["float_input"]
+    assert "not an explicitly quantized model" in check_tensorrt_qdq(fp32_model)[0]
+
+
+def test_target_picks_the_scheme():
+    assert schemes.for_target(X86).name == "onnxruntime-x86-qdq"
+    assert schemes.for_target(TENSORRT).activation_symmetric and not schemes.for_target(TENSORRT).quantize_bias
+    mobile = dataclasses.replace(X86, runtime="onnxruntime-mobile", activation_type="int8")
+    assert schemes.for_target(mobile).name == "onnxruntime-mobile-qdq" and schemes.for_target(mobile).activation_symmetric
+    assert schemes.for_target(dataclasses.replace(TENSORRT, precision="fp16")).precision == "fp16"
+    assert schemes.for_target(dataclasses.replace(X86, precision="fp32")).precision == "fp32"
+    with pytest.raises(BadInput, match="no int8 scheme for runtime 'coreml'"):
+        schemes.for_target(dataclasses.replace(X86, runtime="coreml"))
+
+
+def test_fp16_keeps_fp32_inputs_and_outputs(tmp_path, fp32_model, fashion):
+    fp16 = tmp_path / "m.fp16.onnx"
+    convert_fp16(fp32_model, fp16)
+    model = onnx.load(str(fp16))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    x = data.to_float(fashion.x_eval[:200]).numpy()
+    np.testing.assert_allclose(OrtRunner(fp16, 1, "fp16")(x), OrtRunner(fp32_model, 1, "fp32")(x), atol=0.05, rtol=0.05)
+
+
+def test_bad_calibration_is_refused_in_one_line(tmp_path, fp32_model, calib):
+    scheme = schemes.for_target(X86)
+    with pytest.raises(BadInput, match="calibration set is empty"):
+        quantize_qdq(fp32_model, tmp_path / "q.onnx", calib[:0], "minmax", scheme)
+    with pytest.raises(BadInput, match=r"calibration images have shape \(1, 32, 32\) but the model takes"):
+        quantize_qdq(fp32_model, tmp_path / "q.onnx", torch.zeros(8, 1, 32, 32, dtype=torch.uint8), "minmax", scheme)
+
+
+def test_a_model_without_quantizable_nodes_is_refused(tmp_path, calib):
+    class Pixels(torch.nn.Module):  # logits straight from pixels: nothing for int8 to act on
+        def forward(self, x):
+            return x.flatten(1)[:, :10] * 2.0
+
+    path = tmp_path / "pool.onnx"
+    export_onnx(Pixels(), SPEC, 17, path)
+    with pytest.raises(BadInput, match="no quantizable nodes"):
+        quantize_qdq(path, tmp_path / "q.onnx", calib, "minmax", schemes.for_target(X86))
+
+
+def make_run(tmp_path, fashion, target_text: str, student: torch.nn.Module | None = None, config=None):
+    """A run directory whose distill stage is already done, with `student` (an untrained small zoo net by
+    default) as student.pt, on a small stratified subset of real Fashion-MNIST."""
+    from edgecompress import config as cfg
+    from edgecompress.runner import RunContext
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    i, j = data.stratified_sample(fashion.y_train, 1500, 0), data.stratified_sample(fashion.y_eval, 500, 0)
+    npz = tmp_path / "small.npz"
+    np.savez(npz, x=fashion.x_train[i, 0].numpy(), y=fashion.y_train[i].numpy(),
+             x_test=fashion.x_eval[j, 0].numpy(), y_test=fashion.y_eval[j].numpy())
+    toml = tmp_path / "target.toml"
+    toml.write_text(target_text)
+    conf = config or cfg.RunConfig()
+    conf.data, conf.target, conf.distill.student = str(npz), str(toml), "resnet_slim_050"
+    conf.teacher.spec = write_factory(tmp_path / "teacher" / "t.py", 10)
+    ctx = RunContext(tmp_path / "run", conf, quiet=True)
+    model = student or small_model()
+    spec = {"student": "resnet_slim_050", "input_shape": [1, 28, 28], "num_classes": 10,
+            "classes": ctx.data.classes, "mean": model.mean_values, "std": model.std_values}
+    (ctx.out / "distill").mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "spec": spec}, ctx.out / "distill" / "student.pt")
+    return ctx
+
+
+TRT_TOML = ('name = "jetson-test"\ndescription = "d"\nruntime = "tensorrt"\nprecision = "int8"\n'
+            'execution_providers = ["CPUExecutionProvider"]\n')
+
+
+def test_stage_dispatches_on_the_target(tmp_path, fashion):
+    import json
+
+    from edgecompress import quantize
+    from edgecompress.runner import run_stage
+
+    ctx = make_run(tmp_path / "trt", fashion, TRT_TOML)
+    artifact = run_stage(ctx, quantize.STAGE)
+    assert artifact == quantize.artifact_path(ctx.out, ctx.target) == ctx.out / "quantize" / "student.int8.onnx"
+    record = json.loads((ctx.out / "quantize" / "calibration.json").read_text())
+    assert record["scheme"]["name"] == "tensorrt-explicit-qdq" and record["tensorrt_qdq_check"] == "passed"
+    assert check_tensorrt_qdq(artifact) == []
+
+    ctx = make_run(tmp_path / "fp16", fashion, TRT_TOML.replace('"int8"', '"fp16"'))
+    artifact = run_stage(ctx, quantize.STAGE)
+    assert artifact.name == "student.fp16.onnx"
+    record = json.loads((ctx.out / "quantize" / "calibration.json").read_text())
+    assert record["format"] == "fp16" and abs(record["tries"][0]["drop_vs_fp32_pt"]) < 1.0

@@ -77,7 +77,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path, text, wrong, hint):
 
 
 @pytest.mark.parametrize("old, new, valid", [
-    ('runtime = "onnxruntime"', 'runtime = "tensorrt"', targets.RUNTIMES),
+    ('runtime = "onnxruntime"', 'runtime = "coreml"', targets.RUNTIMES),
     ('precision = "int8"', 'precision = "int4"', targets.PRECISIONS),
     ('activation_type = "uint8"', 'activation_type = "fp8"', targets.QUANT_TYPES),
 ])
