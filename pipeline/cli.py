@@ -17,7 +17,8 @@ DEFAULTS = cfg.RunConfig()
 # compress's options and the RunConfig fields they set
 FLAG_FIELDS = {"data": ("data",), "target": ("target",), "seed": ("seed",), "teacher": ("teacher", "spec"),
                "teacher_weights": ("teacher", "weights"), "student": ("distill", "student"),
-               "epochs": ("distill", "epochs"), "skip_bad_images": ("skip_bad_images",)}
+               "epochs": ("distill", "epochs"), "skip_bad_images": ("skip_bad_images",),
+               "max_latency_ms": ("max_latency_ms",)}
 
 
 def common(f):
@@ -40,7 +41,10 @@ def cli():
               help="State dict for a zoo or factory teacher, loaded with weights_only=True.  "
                    "[default: shipped weights for zoo teachers on fashion-mnist]")
 @click.option("--student", default=DEFAULTS.distill.student, show_default=True,
-              help="Student: a zoo name (see `edgecompress models`) or path/to/file.py:factory.")
+              help="Student: a zoo name (see `edgecompress models`), path/to/file.py:factory, or `auto`: the "
+                   "largest zoo student whose int8 artifact, timed here, fits --max-latency-ms.")
+@click.option("--max-latency-ms", type=float, default=DEFAULTS.max_latency_ms, metavar="MS",
+              help="Batch-1 p50 budget for the artifact; overrides the target's max_latency_ms (0: keep it).")
 @click.option("--data", default=DEFAULTS.data, show_default=True,
               help="fashion-mnist, an image folder (one sub-folder per class), an .npz with x/y, or an IDX folder.")
 @click.option("--target", default=DEFAULTS.target, show_default=True,
@@ -57,8 +61,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
 @common
 @click.pass_context
-def compress(click_ctx, teacher, teacher_weights, student, data, target, out, epochs, seed, config_file,
-             skip_bad_images, force, quiet, debug):
+def compress(click_ctx, teacher, teacher_weights, student, max_latency_ms, data, target, out, epochs, seed,
+             config_file, skip_bad_images, force, quiet, debug):
     """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
     from .compress import compress as run_all
     from .runner import RunContext, locked

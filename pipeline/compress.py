@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import distill, export, quantize, verify
+from . import distill, export, quantize, select, verify
 from .errors import BadInput
 from .modelcheck import check_classifier
 from .runner import RunContext, Stage, is_done, run_stage, write_run_toml
@@ -26,6 +26,8 @@ def check_inputs(ctx: RunContext) -> None:
 
 def compress(ctx: RunContext) -> dict:
     """Run every stage; returns report.json's content."""
+    if ctx.config.distill.student == "auto":
+        select.select_student(ctx)
     check_inputs(ctx)
     write_run_toml(ctx)
     for stage in stages(ctx).values():

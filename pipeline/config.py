@@ -53,6 +53,7 @@ class RunConfig:
     target: str = "x86-cpu"
     seed: int = 0
     skip_bad_images: bool = False  # leave unreadable files of an image folder out (counted in run.toml)
+    max_latency_ms: float = 0.0  # batch-1 p50 budget; > 0 overrides the target's, and `--student auto` fits it
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -86,7 +87,8 @@ class RunConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")
-        for name, value in {"distill.weight_decay": d.weight_decay, "verify.warmup_runs": v.warmup_runs}.items():
+        for name, value in {"distill.weight_decay": d.weight_decay, "verify.warmup_runs": v.warmup_runs,
+                            "--max-latency-ms": self.max_latency_ms}.items():
             if value < 0:
                 raise BadInput(f"{name} must be >= 0, got {value}")
         if not 0.0 <= d.alpha <= 1.0:

@@ -78,6 +78,18 @@ def markdown(r: dict) -> str:
     lines += [f"- Budgets (max drop {b['max_accuracy_drop']} pt, max latency {max_latency}, "
               f"min speedup {min_speedup}): **{'passed' if b['passed'] else 'FAILED'}**"]
     lines += [f"  - {f}" for f in b["failed"]]
+    k = r["artifact"].get("kernels")
+    if k:
+        leftovers = ", ".join(k["float_compute_layers"]) or "none"
+        lines.append(f"- Int8 kernels in ONNX Runtime's optimised graph: {k['int8_compute_layers']} compute layers "
+                     f"fused to int8; left in float: {leftovers}")
+    selection = r.get("student_selection")
+    if selection:
+        lines += ["", f"## Student chosen for a {selection['max_latency_ms']} ms {selection['batch']} budget", "",
+                  "| candidate | params | int8 p50 ms | fits |", "|---|---|---|---|"]
+        lines += [f"| {c['name']}{' (chosen)' if c['name'] == selection['chosen'] else ''} | {c['params']:,} | "
+                  f"{c['p50_ms']:.3f} | {'yes' if c['fits'] else 'no'} |" for c in selection["candidates"]]
+        lines.append(f"\n{selection['rule']}")
     if r["unverified"]:
         lines += ["", "Not verified on this host:"] + [f"- {u}" for u in r["unverified"]]
 

@@ -5,6 +5,8 @@ returns its artifact; `inputs(ctx)` is the part of the config and the upstream a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import fcntl
 import json
 import os
@@ -36,7 +38,11 @@ class RunContext:
     def target(self):
         from edgecompress import targets
 
-        return targets.load(self.config.target)
+        target = targets.load(self.config.target)
+        if self.config.max_latency_ms > 0:  # --max-latency-ms overrides the profile's budget
+            budgets = dataclasses.replace(target.budgets, max_latency_ms=self.config.max_latency_ms)
+            target = dataclasses.replace(target, budgets=budgets)
+        return target
 
     @cached_property
     def data(self) -> datasets.Dataset:

@@ -5,6 +5,7 @@ report.json holds the summaries, latency.json every timed run, and report.md / r
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from edgecompress.models import count_params
 
 from . import config as cfg
 from . import data as datasets
-from . import files, report, stats
+from . import files, kernels, report, stats
 from .check import SCHEMA, SUBJECTS
 from .runner import RunContext, Stage
 from .runners import OrtRunner, TorchRunner, predict
@@ -236,6 +237,9 @@ def run(ctx: RunContext) -> Path:
                                 "path": str(student_path.relative_to(ctx.out)), "format": formats["student_fp32"]}
     results["artifact"] |= {"params": onnx_params(student_path), "size_bytes": artifact_path.stat().st_size,
                             "path": str(artifact_path.relative_to(ctx.out)), "format": formats["artifact"]}
+    if "int8" in formats["artifact"]:
+        results["artifact"]["kernels"] = kernels.kernel_report(artifact_path, target.threads,
+                                                               tuple(target.execution_providers))
 
     bs1 = f"bs{target.batch[0]}"
     speedup = results["teacher"]["latency_ms"][bs1]["p50"] / results["artifact"]["latency_ms"][bs1]["p50"]
@@ -275,6 +279,11 @@ def run(ctx: RunContext) -> Path:
                               "per session)"},
         "host": cfg.host(), "versions": cfg.versions(), "seed": seed,
     }
+    selection = ctx.out / "select" / "selection.json"
+    if selection.is_file():
+        record = json.loads(selection.read_text())
+        if record.get("chosen") == ctx.config.distill.student:
+            result["student_selection"] = {k: v for k, v in record.items() if k != "key"}
     files.write_json(out_dir / "report.json", result)
     files.write_json(out_dir / "latency.json", {"unit": "ms per batch, in the order timed", "timings": timings,
                                                 "runs_per_session": session_runs})

@@ -156,3 +156,19 @@ def test_many_classes_plot_the_artifacts_weakest_and_skip_the_confusion_table(wr
     assert max(report["artifact"]["per_class_accuracy"][c] for c in shown) <= 0.7
     assert reports.plot_per_class(report).startswith(PNG_SIGNATURE)
     assert "Confusion matrix" not in reports.markdown(report)
+
+
+def test_markdown_names_the_int8_kernels_and_the_measured_student_candidates(written):
+    report = copy.deepcopy(written[0])
+    kernels = report["artifact"]["kernels"]
+    assert kernels["all_compute_int8"] and kernels["int8_compute_layers"] > 0 and not kernels["float_compute_layers"]
+    assert f"{kernels['int8_compute_layers']} compute layers fused to int8; left in float: none" in \
+        reports.markdown(report)
+    report["student_selection"] = {
+        "max_latency_ms": 0.2, "batch": "bs1", "chosen": "resnet_slim_100", "rule": "the largest that fits",
+        "candidates": [{"name": "resnet_slim_050", "params": 19810, "p50_ms": 0.099, "fits": True},
+                       {"name": "resnet_slim_100", "params": 77754, "p50_ms": 0.107, "fits": True},
+                       {"name": "resnet_slim_150", "params": 173842, "p50_ms": 0.249, "fits": False}]}
+    text = reports.markdown(report)
+    assert "| resnet_slim_100 (chosen) | 77,754 | 0.107 | yes |" in text
+    assert "| resnet_slim_150 | 173,842 | 0.249 | no |" in text and "the largest that fits" in text

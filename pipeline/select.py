@@ -1,0 +1,121 @@
+"""`--student auto`: measure the zoo's students on this host, as int8 artifacts under the target's settings, and
+pick the one to distil for a latency budget.
+
+Latency is measured, not estimated: each candidate (untrained: latency does not depend on the weights) is
+exported, quantized with the target's scheme on a few real images and timed like verify times the artifact.
+Accuracy cannot be measured before training, so the rule is the one the zoo's scaling shows (wider and deeper
+students of these families are more accurate after distillation): the candidate with the most parameters whose
+int8 p50 fits the budget, the faster one on a tie.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgecompress.models import ZOO, count_params
+from edgecompress.models.loaders import build_model
+
+from . import config as cfg
+from . import data as datasets
+from . import files, quantize, schemes
+from .errors import BadInput, StageFailed
+from .runner import RunContext, digest
+from .runners import OrtRunner
+from .verify import time_runs
+
+CALIBRATION_IMAGES = 64  # enough to set scales; the candidates' accuracy is not what is measured
+TIMING_SESSIONS, TIMING_RUNS, TIMING_SECONDS = 3, 300, 0.6
+RULE = ("the candidate with the most parameters whose int8 p50 fits the budget (accuracy after distillation "
+        "grows with a student's size in these families); the faster one on a tie")
+
+
+def latency_budget(ctx: RunContext) -> float:
+    budget = ctx.config.max_latency_ms or ctx.target.budgets.max_latency_ms
+    if budget <= 0:
+        raise BadInput("--student auto needs a latency budget: give --max-latency-ms MS, or use a target whose "
+                       "budgets set max_latency_ms")
+    return budget
+
+
+def candidates(teacher_params: int) -> list[str]:
+    """Zoo models smaller than the teacher, smallest first."""
+    sizes = {name: count_params(entry.factory(in_channels=1, num_classes=10, **entry.defaults))
+             for name, entry in ZOO.items()}
+    return sorted((n for n, p in sizes.items() if p < teacher_params), key=lambda n: (sizes[n], n))
+
+
+def measure(ctx: RunContext, name: str, batch: int, workdir: Path) -> dict:
+    """p50 (ms per batch) of zoo student `name` as the target's artifact (int8 QDQ, fp16 or fp32), on this host."""
+    ds, target = ctx.data, ctx.target
+    model, _ = build_model(name, "", ds.input_shape[0], ds.num_classes, *ctx.data_stats, role="student")
+    spec = {"input_shape": list(ds.input_shape), "mean": ctx.data_stats[0], "std": ctx.data_stats[1],
+            "classes": list(ds.classes)}
+    scheme = schemes.for_target(target)
+    fp32, artifact = workdir / f"{name}.fp32.onnx", workdir / f"{name}.{scheme.precision}.onnx"
+    quantize.export_onnx(model.eval(), spec, target.opset, fp32)
+    if scheme.precision == "int8":
+        calibration = ds.x_train[datasets.stratified_sample(ds.y_train, CALIBRATION_IMAGES, ctx.config.seed)]
+        quantize.quantize_qdq(fp32, artifact, calibration, "minmax", scheme)
+    elif scheme.precision == "fp16":
+        quantize.convert_fp16(fp32, artifact)
+    else:
+        artifact = fp32
+    runtime = f"onnxruntime-{scheme.precision}"
+    make_runner = lambda: OrtRunner(artifact, target.threads, runtime, target.execution_providers)  # noqa: E731
+    sessions = time_runs(make_runner, ds.x_eval, batch, ctx.config.verify.warmup_runs, TIMING_RUNS, TIMING_SECONDS,
+                         lambda length: ctx.progress(None, f"timing {name}", length), TIMING_SESSIONS)
+    times = np.concatenate(sessions)
+    return {"name": name, "params": count_params(model), "p50_ms": round(float(np.median(times)), 4),
+            "session_p50_ms": [round(float(np.median(s)), 4) for s in sessions]}
+
+
+def choose(measured: list[dict], budget: float) -> str | None:
+    fitting = [c for c in measured if c["p50_ms"] <= budget]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda c: (c["params"], -c["p50_ms"]))["name"]
+
+
+def select_student(ctx: RunContext) -> dict:
+    """Measure the candidates (or reuse select/selection.json, measured for the same target, data shape and
+    host), choose for the budget, set ctx.config.distill.student to the choice, and return the record."""
+    budget, target, ds = latency_budget(ctx), ctx.target, ctx.data
+    if not target.runtime.startswith("onnxruntime"):
+        raise BadInput(f"--student auto times the candidates with ONNX Runtime on this host; target {target.name} "
+                       f"runs {target.runtime}: name a student with --student")
+    batch = target.batch[0]
+    teacher_params = count_params(ctx.teacher[0])
+    names = candidates(teacher_params)
+    if not names:
+        raise BadInput(f"--student auto: no zoo model is smaller than the teacher ({teacher_params:,} parameters); "
+                       "name a student with --student")
+    # The budget is not part of the key: the measurements hold for any budget, the choice is made afresh.
+    key = digest({"target": target.to_dict() | {"source": "", "budgets": None}, "shape": list(ds.input_shape),
+                  "classes": ds.num_classes, "candidates": names, "cpu": cfg.host().get("cpu"),
+                  "verify": ctx.config.verify.__dict__})
+    path = ctx.stage_dir("select") / "selection.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("key") != key or ctx.force:
+        ctx.log(f"[select] timing {len(names)} zoo students as int8 artifacts for {target.name} at bs{batch}")
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            measured = []
+            for name in names:
+                measured.append(measure(ctx, name, batch, Path(tmp)))
+                ctx.log(f"[select] {name}: {measured[-1]['params']:,} params, int8 p50 "
+                        f"{measured[-1]['p50_ms']:.3f} ms")
+        record = {"key": key, "batch": f"bs{batch}", "target": target.name, "threads": target.threads,
+                  "candidates": measured, "rule": RULE, "host": cfg.host().get("cpu")}
+    for c in record["candidates"]:
+        c["fits"] = c["p50_ms"] <= budget
+    record |= {"max_latency_ms": budget, "chosen": choose(record["candidates"], budget)}
+    files.write_json(path, record)
+    if record["chosen"] is None:
+        fastest = min(record["candidates"], key=lambda c: c["p50_ms"])
+        raise StageFailed(f"no zoo student fits {budget} ms at bs{batch} on this host: the fastest, "
+                          f"{fastest['name']}, takes {fastest['p50_ms']:.3f} ms (see {path}); raise --max-latency-ms")
+    ctx.config.distill.student = record["chosen"]
+    ctx.log(f"[select] chose {record['chosen']} ({RULE})")
+    return record
