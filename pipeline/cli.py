@@ -154,6 +154,41 @@ def targets_show(name):
     click.echo(json.dumps(profiles.load(name).to_dict(), indent=2))
 
 
+@cli.command("docker")
+@click.argument("target")
+@click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run directory (made by `compress --target TARGET`) the container finishes and verifies.")
+@common
+def docker_command(target, run_dir, quiet, debug):
+    """Print the docker build and run commands that finish and verify RUN_DIR with TARGET's runtime in its image
+    (docker/*.Dockerfile); run them when a Docker engine answers."""
+    import shlex
+
+    from edgecompress import targets as profiles
+
+    from . import containers
+    from .errors import BadInput
+
+    profile = profiles.load(target)
+    if (run_dir / "run.toml").is_file():
+        made_for = profiles.load(cfg.read_toml(run_dir / "run.toml").get("target", "")).name
+        if made_for != profile.name:
+            raise BadInput(f"{run_dir} was made for target {made_for}, not {profile.name}: "
+                           f"use `edgecompress docker {made_for} --run-dir {run_dir}`")
+    build, *runs = containers.commands(profile, run_dir)
+    click.echo(f"# build the {profile.name} image ({profile.docker.base_image}, {profile.docker.platform})")
+    click.echo(shlex.join(build))
+    click.echo(f"# export and verify {run_dir} with the target's runtime")
+    for command in runs:
+        click.echo(shlex.join(command))
+    reason = containers.engine_answers()
+    if reason:
+        click.echo(f"# not run here: {reason}; run the commands above where a Docker engine answers")
+        return 0
+    containers.run([build, *runs], click.echo)
+    return 0
+
+
 @cli.command()
 def models():
     """List the model zoo."""

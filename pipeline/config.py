@@ -6,7 +6,10 @@ import difflib
 import json
 import math
 import platform
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6 is Ubuntu 22.04): the same parser from PyPI
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 

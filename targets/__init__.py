@@ -1,13 +1,22 @@
-"""Device target profiles: one TOML file per target in this folder; a user's own TOML path works the same."""
+"""Device target profiles: one TOML file per target in this folder; a user's own TOML path works the same.
+
+A profile says which runtime runs the artifact (ONNX Runtime, ONNX Runtime mobile or TensorRT), at which precision,
+with which threads, execution providers and TensorRT builder options, under which budgets, and which Docker
+image builds it. Unknown keys and bad values are refused with one line naming the valid choices.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6 is Ubuntu 22.04): the same parser from PyPI
+    import tomli as tomllib
 
 from edgecompress.errors import BadInput
 
@@ -15,13 +24,41 @@ PROFILE_DIR = Path(__file__).parent
 RUNTIMES = ("onnxruntime", "onnxruntime-mobile", "tensorrt")
 PRECISIONS = ("int8", "fp16", "fp32")
 QUANT_TYPES = ("uint8", "int8")
+PLATFORMS = ("linux/amd64", "linux/arm64")
+# Execution providers a profile may name: ONNX Runtime's own names (onnxruntime.get_all_providers() lists them).
+EXECUTION_PROVIDERS = ("CPUExecutionProvider", "XnnpackExecutionProvider", "NnapiExecutionProvider",
+                       "CoreMLExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                       "QNNExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider")
 
 
 @dataclass(frozen=True)
 class Budgets:
-    max_accuracy_drop: float = 2.0
-    max_latency_ms: float = 0.0
-    min_speedup: float = 0.0
+    max_accuracy_drop: float = 2.0  # points of top-1 below the teacher
+    max_latency_ms: float = 0.0     # first batch size's p50; 0 means no limit
+    min_speedup: float = 0.0        # teacher p50 / artifact p50 at the first batch size; 0 means no limit
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """TensorRT builder settings (IBuilderConfig and the optimisation profile); used when runtime = tensorrt."""
+
+    workspace_mib: int = 1024      # MemoryPoolType.WORKSPACE limit
+    dla_core: int = -1             # DLA core to run on, -1 for the GPU only
+    gpu_fallback: bool = True      # BuilderFlag.GPU_FALLBACK: layers DLA cannot run go to the GPU
+    strongly_typed: bool = True    # NetworkDefinitionCreationFlag.STRONGLY_TYPED: precision from the graph's Q/DQ
+    min_batch: int = 1             # optimisation profile on the batch axis: min / opt / max
+    opt_batch: int = 1
+    max_batch: int = 64
+    timing_cache: str = "timing.cache"  # file in export/<target>/, reused between builds; "" for none
+
+
+@dataclass(frozen=True)
+class DockerOptions:
+    """The image that builds and verifies this target's artifact from a mounted run directory."""
+
+    dockerfile: str = "docker/cpu.Dockerfile"  # relative to the repository root
+    base_image: str = "python:3.11.11-slim-bookworm"
+    platform: str = "linux/amd64"
 
 
 @dataclass(frozen=True)
@@ -38,10 +75,15 @@ class Target:
     weight_type: str = "int8"
     per_channel: bool = True
     budgets: Budgets = field(default_factory=Budgets)
+    tensorrt: TensorRTOptions | None = None
+    docker: DockerOptions = field(default_factory=DockerOptions)
     source: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+TABLES = {"budgets": Budgets, "tensorrt": TensorRTOptions, "docker": DockerOptions}
 
 
 def names() -> list[str]:
@@ -52,6 +94,8 @@ def load(name_or_path: str) -> Target:
     """A shipped target by name, or a TOML file by path."""
     path = Path(name_or_path)
     if not (name_or_path.endswith(".toml") and path.is_file()):
+        if name_or_path.endswith(".toml"):
+            raise BadInput(f"target file not found: {name_or_path}")
         path = PROFILE_DIR / f"{name_or_path}.toml"
         if not path.is_file():
             hint = difflib.get_close_matches(name_or_path, names(), n=1)
@@ -86,19 +130,54 @@ def _typed(value, kind, key: str, where: str):
     return value
 
 
+def _choice(value, valid: tuple[str, ...], key: str, where: str):
+    if value not in valid:
+        hint = difflib.get_close_matches(str(value), valid, n=1)
+        raise BadInput(f"{where}: {key} = {value!r} is not one of {', '.join(valid)}"
+                       f"{f' (did you mean {hint[0]!r}?)' if hint else ''}")
+    return value
+
+
+def _table(raw: dict, cls, where: str) -> dict:
+    """A sub-table's values, typed by the dataclass's defaults."""
+    if not isinstance(raw, dict):
+        raise BadInput(f"{where}: must be a table")
+    _unknown(raw, cls, where)
+    defaults = cls()
+    return {key: _typed(value, type(getattr(defaults, key)), key, where) for key, value in raw.items()}
+
+
+def _check_budgets(values: dict, where: str) -> None:
+    for key, value in values.items():
+        if not math.isfinite(value) or value < 0:
+            raise BadInput(f"{where}: {key} must be a finite number >= 0, got {value}")
+
+
+def _check_tensorrt(options: TensorRTOptions, precision: str, where: str) -> None:
+    if options.workspace_mib < 1:
+        raise BadInput(f"{where}: workspace_mib must be >= 1")
+    if options.dla_core < -1:
+        raise BadInput(f"{where}: dla_core must be -1 (GPU only) or a DLA core number >= 0")
+    if not 1 <= options.min_batch <= options.opt_batch <= options.max_batch:
+        raise BadInput(f"{where}: the batch profile needs 1 <= min_batch <= opt_batch <= max_batch, got "
+                       f"{options.min_batch} / {options.opt_batch} / {options.max_batch}")
+    if options.dla_core >= 0:
+        if precision == "fp32":
+            raise BadInput(f"{where}: DLA runs int8 or fp16 only: set precision to int8 or fp16, or dla_core = -1")
+        if options.min_batch != options.max_batch:
+            # TensorRT's DLA restrictions: no dynamic dimensions, so the profile must be one shape.
+            raise BadInput(f"{where}: DLA needs a fixed shape: set min_batch = opt_batch = max_batch")
+    if options.timing_cache and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", options.timing_cache):
+        raise BadInput(f"{where}: timing_cache must be a plain file name (it lives in export/<target>/), "
+                       f"got {options.timing_cache!r}")
+
+
 def _build(raw: dict, where: str) -> Target:
     _unknown(raw, Target, where)
     for required in ("name", "description", "runtime"):
         if required not in raw:
             raise BadInput(f"{where}: missing required key {required!r}")
-    budgets = raw.pop("budgets", {})
-    if not isinstance(budgets, dict):
-        raise BadInput(f"{where}: [budgets] must be a table")
-    _unknown(budgets, Budgets, f"{where} [budgets]")
-    budget_values = {k: _typed(v, float, k, f"{where} [budgets]") for k, v in budgets.items()}
-    for key, value in budget_values.items():
-        if not math.isfinite(value) or value < 0:
-            raise BadInput(f"{where} [budgets]: {key} must be a finite number >= 0, got {value}")
+    tables = {key: _table(raw.pop(key), cls, f"{where} [{key}]") for key, cls in TABLES.items() if key in raw}
 
     values = {}
     for key, value in raw.items():
@@ -107,13 +186,17 @@ def _build(raw: dict, where: str) -> Target:
             if not isinstance(value, list) or not value:
                 raise BadInput(f"{where}: {key} must be a non-empty list")
             values[key] = tuple(_typed(v, item, key, where) for v in value)
+        elif key in TABLES:
+            raise BadInput(f"{where}: {key} must be a table ([{key}])")
         else:
             kind = {"opset": int, "threads": int, "per_channel": bool}.get(key, str)
             values[key] = _typed(value, kind, key, where)
     choices = {"runtime": RUNTIMES, "precision": PRECISIONS, "activation_type": QUANT_TYPES, "weight_type": QUANT_TYPES}
     for key, valid in choices.items():
-        if key in values and values[key] not in valid:
-            raise BadInput(f"{where}: {key} = {values[key]!r} is not one of {', '.join(valid)}")
+        if key in values:
+            _choice(values[key], valid, key, where)
+    for provider in values.get("execution_providers", ()):
+        _choice(provider, EXECUTION_PROVIDERS, "execution_providers entry", where)
     if any(b < 1 for b in values.get("batch", (1,))) or values.get("threads", 1) < 1:
         raise BadInput(f"{where}: batch sizes and threads must be >= 1")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", values["name"]):
@@ -122,4 +205,25 @@ def _build(raw: dict, where: str) -> Target:
                        "(at most 64, not starting with '.')")
     if not 13 <= values.get("opset", 17) <= 21:
         raise BadInput(f"{where}: opset must be between 13 and 21")
-    return Target(**values, budgets=Budgets(**budget_values), source=where)
+
+    budgets = tables.get("budgets", {})
+    _check_budgets(budgets, f"{where} [budgets]")
+    precision = values.get("precision", "int8")
+    if values["runtime"] != "tensorrt" and precision == "fp16":
+        raise BadInput(f"{where}: precision = 'fp16' needs runtime = 'tensorrt'; "
+                       f"for {values['runtime']} choose int8 or fp32")
+    tensorrt = None
+    if values["runtime"] == "tensorrt":
+        tensorrt = TensorRTOptions(**tables.get("tensorrt", {}))
+        _check_tensorrt(tensorrt, precision, f"{where} [tensorrt]")
+        if max(values.get("batch", (1, 64))) > tensorrt.max_batch:
+            raise BadInput(f"{where}: batch sizes must not exceed [tensorrt] max_batch = {tensorrt.max_batch}")
+    elif "tensorrt" in tables:
+        raise BadInput(f"{where}: a [tensorrt] table needs runtime = 'tensorrt' (runtime is {values['runtime']!r})")
+    docker = DockerOptions(**tables.get("docker", {}))
+    _choice(docker.platform, PLATFORMS, "platform", f"{where} [docker]")
+    pinned = re.fullmatch(r"[^\s:@]+:([\w.-]+)(@sha256:[0-9a-f]{64})?", docker.base_image)
+    if not pinned or pinned.group(1) == "latest":
+        raise BadInput(f"{where} [docker]: base_image must be pinned as repository:tag (not latest), "
+                       f"got {docker.base_image!r}")
+    return Target(**values, budgets=Budgets(**budgets), tensorrt=tensorrt, docker=docker, source=where)

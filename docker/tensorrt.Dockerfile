@@ -1,0 +1,28 @@
+# edgecompress for x86-nvidia: TensorRT on a discrete NVIDIA GPU (NGC TensorRT image: TensorRT, its Python
+# bindings and trtexec). Builds the engine from a mounted run directory's export and verifies it:
+#   edgecompress docker x86-nvidia --run-dir runs/x   (prints the exact build and run commands)
+ARG BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.01-py3
+FROM ${BASE_IMAGE}
+
+# The image's Python is the system one (Ubuntu 24.04): allow pip beside apt's packages, as NGC images do.
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/cache \
+    PATH=/opt/tensorrt/bin:/usr/src/tensorrt/bin:${PATH}
+
+WORKDIR /opt/edgecompress
+COPY constraints.txt setup.cfg pyproject.toml README.md ./
+COPY pipeline/ pipeline/
+COPY models/ models/
+COPY targets/ targets/
+# torch only runs the teacher in verify, on the CPU: its CPU build keeps the image free of a second CUDA stack.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu -c constraints.txt torch \
+    && pip install -c constraints.txt . \
+    && useradd --create-home --uid 1001 edge
+# numeric, so the host resolves it; `edgecompress docker` runs with --user (host uid) so run files stay yours
+USER 1001
+ENTRYPOINT ["edgecompress"]
+CMD ["--help"]

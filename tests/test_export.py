@@ -1,0 +1,290 @@
+"""The exporters on real quantized models: ONNX Runtime's offline-optimised graph, the .ort file for ONNX Runtime
+mobile, and TensorRT's Q/DQ ONNX with its builder settings, trtexec line and DLA report (no engine here)."""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from edgecompress import data, dla, export, ortmobile, quantize, tensorrt, targets
+from edgecompress.config import RunConfig
+from edgecompress.errors import BadInput, StageFailed
+from edgecompress.models import Normalized, create
+from edgecompress.quantize import export_onnx
+from edgecompress.runner import RunContext
+
+SPEC = {"input_shape": [1, 28, 28], "mean": [0.286], "std": [0.353], "classes": [str(i) for i in range(10)]}
+# ONNX Runtime's quantize_static arguments for TensorRT's explicit quantization (written out here so this test
+# does not depend on the quantize stage's scheme code): symmetric int8, float bias, Q/DQ on op inputs only.
+TENSORRT_QDQ = {"WeightSymmetric": True, "ActivationSymmetric": True, "QuantizeBias": False,
+                "QDQKeepRemovableActivations": True,
+                "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"]}
+
+
+class Batches(CalibrationDataReader):
+    def __init__(self, x: np.ndarray):
+        self.batches = [x[i:i + 32] for i in range(0, len(x), 32)]
+
+    def get_next(self):
+        return {"input": self.batches.pop()} if self.batches else None
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, small_npz) -> dict[str, Path]:
+    """An fp32 ONNX student (untrained resnet_slim_050), its x86 QDQ (uint8 activations) and its TensorRT Q/DQ."""
+    base = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    fp32 = base / "fp32.onnx"
+    export_onnx(Normalized(create("resnet_slim_050", 1, 10), SPEC["mean"], SPEC["std"]).eval(), SPEC, 17, fp32)
+    x = data.to_float(torch.from_numpy(np.load(small_npz)["x"][:64, None])).numpy()
+    quant_pre_process(str(fp32), str(base / "pre.onnx"), skip_symbolic_shape=True)
+    paths = {"fp32": fp32, "x86": base / "x86.onnx", "tensorrt": base / "trt.onnx"}
+    quantize_static(str(base / "pre.onnx"), str(paths["x86"]), Batches(x), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(str(base / "pre.onnx"), str(paths["tensorrt"]), Batches(x), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options=TENSORRT_QDQ)
+    return paths
+
+
+def context(tmp_path: Path, small_npz: Path, target: str, model: Path) -> RunContext:
+    """A run directory whose quantize stage holds `model`, for `target` (a name or a .toml path)."""
+    config = RunConfig()
+    config.target, config.data = target, str(small_npz)
+    ctx = RunContext(tmp_path, config, quiet=True)
+    (tmp_path / "quantize").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, quantize.artifact_path(tmp_path, ctx.target))
+    return ctx
+
+
+def logits(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def eval_images(ctx: RunContext) -> np.ndarray:
+    return data.to_float(ctx.data.x_eval).numpy()
+
+
+# --- ONNX Runtime ---------------------------------------------------------------------------------------------
+
+def test_onnxruntime_export_writes_the_portable_optimised_graph(tmp_path, small_npz, models):
+    ctx = context(tmp_path, small_npz, "x86-cpu", models["x86"])
+    artifact = export.run(ctx)
+    assert artifact == tmp_path / "export" / "x86-cpu" / "model.onnx"
+    graph = onnx.load(str(artifact)).graph
+    ops = {n.op_type for n in graph.node}
+    # ORT_ENABLE_EXTENDED fused the Q/DQ pairs into int8 kernels, without ORT_ENABLE_ALL's host-specific layouts
+    assert "QLinearConv" in ops and "Conv" not in ops
+    assert not [n for n in graph.node if n.domain == "com.microsoft.nchwc"]
+    build = json.loads((artifact.parent / "build.json").read_text())
+    assert build["optimized_offline"]["level"] == "ORT_ENABLE_EXTENDED"
+    assert build["optimized_offline"]["matches_source"]["top1_agreement"] == 1.0
+    assert build["session_options"]["intra_op_num_threads"] == 1
+    assert build["session_options"]["providers"] == ["CPUExecutionProvider"]
+    assert build["sha256"] == __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()
+    assert build["profile"]["name"] == "x86-cpu" and build["unverified"] == []
+    x = eval_images(ctx)
+    np.testing.assert_allclose(logits(artifact, x), logits(models["x86"], x), atol=1e-3)
+
+
+def test_a_provider_this_build_lacks_is_recorded_not_pretended(tmp_path, small_npz, models):
+    text = (targets.PROFILE_DIR / "x86-cpu.toml").read_text().replace(
+        'execution_providers = ["CPUExecutionProvider"]',
+        'execution_providers = ["XnnpackExecutionProvider", "CPUExecutionProvider"]')
+    (tmp_path / "t.toml").write_text(text)
+    ctx = context(tmp_path / "run", small_npz, str(tmp_path / "t.toml"), models["x86"])
+    build = json.loads((export.run(ctx).parent / "build.json").read_text())
+    assert "XnnpackExecutionProvider" not in ort.get_available_providers()
+    assert build["verify_with"]["providers"] == ["CPUExecutionProvider"]
+    assert len(build["unverified"]) == 1 and build["unverified"][0].startswith("execution provider Xnnpack")
+
+
+def test_compare_outputs_refuses_a_different_model(models, fashion_small_test):
+    x = data.to_float(torch.from_numpy(fashion_small_test[0][:, None])).numpy()
+    with pytest.raises(StageFailed, match="outputs differ"):
+        export.compare_outputs(logits(models["x86"], x), logits(models["x86"], x) + 0.01, "a test")
+
+
+# --- ONNX Runtime mobile ----------------------------------------------------------------------------------------
+
+def test_mobile_export_writes_an_ort_file_that_matches_the_onnx_model(tmp_path, small_npz, models):
+    ctx = context(tmp_path, small_npz, "mobile-arm64", models["x86"])
+    artifact = export.run(ctx)
+    assert artifact.name == "model.ort" and artifact.read_bytes()[4:8] == b"ORTM"  # the flatbuffer's identifier
+    x = eval_images(ctx)
+    np.testing.assert_allclose(logits(artifact, x), logits(models["x86"], x), atol=1e-3)
+    config = (artifact.parent / ortmobile.CONFIG_NAME).read_text()
+    assert "QLinearConv" in config and str(tmp_path) not in config
+    build = json.loads((artifact.parent / "build.json").read_text())
+    assert build["format"] == "ort-int8" and build["ort_format"]["target_platform"] == "arm"
+    assert build["ort_format"]["matches_source"]["images"] == len(x)
+    assert "QLinearConv" in sum(build["required_operators"]["ops"].values(), [])
+    assert build["session_options"]["intra_op_num_threads"] == 4  # the profile's threads
+    assert build["device_session"]["provider_options"]["XnnpackExecutionProvider"]["intra_op_num_threads"] == 4
+    unverified = " ".join(build["unverified"])
+    assert "XnnpackExecutionProvider" in unverified and "on-phone latency" in unverified
+    assert build["verify_with"] == {"file": "model.ort", "runtime": "onnxruntime-int8",
+                                    "providers": ["CPUExecutionProvider"]}
+
+
+# --- TensorRT ---------------------------------------------------------------------------------------------------
+
+def trt_target(tmp_path: Path, replace: dict[str, str], base: str = "x86-nvidia") -> targets.Target:
+    text = (targets.PROFILE_DIR / f"{base}.toml").read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    (tmp_path / "t.toml").write_text(text)
+    return targets.load(str(tmp_path / "t.toml"))
+
+
+def test_profile_to_builder_settings(tmp_path, models):
+    model = onnx.load(str(models["tensorrt"]))
+    s = tensorrt.builder_settings(targets.load("x86-nvidia"), model)
+    assert (s.input_name, s.min_shape, s.opt_shape, s.max_shape) == ("input", (1, 1, 28, 28), (1, 1, 28, 28),
+                                                                      (64, 1, 28, 28))
+    assert s.strongly_typed and s.network_flags == ("STRONGLY_TYPED",) and s.builder_flags == ()
+    assert s.workspace_bytes == 2048 << 20 and s.dla_core == -1 and s.default_device_type == "GPU"
+    assert s.timing_cache == "timing.cache"
+
+    weak = tensorrt.builder_settings(trt_target(tmp_path, {"strongly_typed = true": "strongly_typed = false"}), model)
+    assert weak.network_flags == () and weak.builder_flags == ("INT8",)
+
+    agx = tensorrt.builder_settings(targets.load("jetson-agx-orin"), model)
+    assert agx.builder_flags == ("FP16", "GPU_FALLBACK") and agx.dla_core == 0 and agx.default_device_type == "DLA"
+    assert agx.min_shape == agx.opt_shape == agx.max_shape == (1, 1, 28, 28)  # DLA: one fixed shape
+
+    no_fallback = trt_target(tmp_path, {"gpu_fallback = true": "gpu_fallback = false"}, "jetson-agx-orin")
+    assert tensorrt.builder_settings(no_fallback, model).builder_flags == ("FP16",)
+    strong_fp16 = trt_target(tmp_path, {"strongly_typed = false": "strongly_typed = true"}, "jetson-agx-orin")
+    with pytest.raises(StageFailed, match="needs an fp16 graph"):
+        tensorrt.builder_settings(strong_fp16, model)
+
+
+def test_trtexec_lines_carry_every_setting(models):
+    model = onnx.load(str(models["tensorrt"]))
+    line = tensorrt.trtexec_build_command(tensorrt.builder_settings(targets.load("x86-nvidia"), model), "model.onnx")
+    assert line == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", "--stronglyTyped",
+                    "--memPoolSize=workspace:2048M", "--minShapes=input:1x1x28x28", "--optShapes=input:1x1x28x28",
+                    "--maxShapes=input:64x1x28x28", "--timingCacheFile=timing.cache"]
+    agx = tensorrt.builder_settings(targets.load("jetson-agx-orin"), model)
+    line = tensorrt.trtexec_build_command(agx, "model.onnx")
+    assert {"--fp16", "--allowGPUFallback", "--useDLACore=0", "--memPoolSize=workspace:1024M",
+            "--maxShapes=input:1x1x28x28"} <= set(line) and "--stronglyTyped" not in line
+    timing = tensorrt.trtexec_latency_command(agx, 1)
+    assert timing[:3] == ["trtexec", "--loadEngine=model.engine", "--shapes=input:1x1x28x28"]
+    assert "--useDLACore=0" in timing
+
+
+@pytest.mark.parametrize("name", ["x86-nvidia", "jetson-orin-nano", "jetson-agx-orin"])
+def test_tensorrt_export_without_tensorrt_writes_the_recipe_and_says_what_is_unverified(tmp_path, small_npz, models,
+                                                                                         name):
+    ctx = context(tmp_path, small_npz, name, models["fp32" if name == "jetson-agx-orin" else "tensorrt"])
+    artifact = export.run(ctx)
+    out = artifact.parent
+    assert artifact == out / "model.onnx" and not (out / "model.engine").exists()  # never a fake engine
+    build = json.loads((out / "build.json").read_text())
+    settings = tensorrt.builder_settings(ctx.target, onnx.load(str(artifact)))
+    assert build["builder"] == json.loads(json.dumps(settings.to_dict()))
+    assert shlex.split(build["trtexec"]) == tensorrt.trtexec_build_command(settings, "model.onnx")
+    assert set(build["trtexec_latency"]) == {f"bs{b}" for b in ctx.target.batch}
+    reason = tensorrt.unavailable_reason()
+    assert reason  # this host has no TensorRT or no CUDA device
+    assert build["engine"] is None
+    assert build["unverified"][0].startswith("tensorrt engine build: " + reason)
+    assert build["trtexec"] in build["unverified"][0]
+    assert any(u.startswith(f"on-device latency ({name})") for u in build["unverified"])
+    assert build["verify_with"]["file"] == "model.onnx" and "not with the TensorRT engine" in build["verify_with"]["note"]
+    assert build["qdq_check"]["checked"] == (ctx.target.precision == "int8")
+    if name.startswith("jetson"):
+        report = json.loads((out / "dla_report.json").read_text())
+        assert build["dla_report"]["summary"] == report["summary"]
+        assert (out / "dla_report.md").read_text().startswith(f"# DLA placement: {name}")
+    else:
+        assert not (out / "dla_report.json").exists()
+
+
+def test_tensorrt_export_refuses_a_graph_that_breaks_the_qdq_rules(tmp_path, small_npz, models):
+    # uint8 activations with non-zero zero points: TensorRT's quantization is symmetric int8
+    ctx = context(tmp_path, small_npz, "x86-nvidia", models["x86"])
+    with pytest.raises(StageFailed, match="breaks TensorRT's Q/DQ rules"):
+        export.run(ctx)
+    assert not (tmp_path / "export" / "x86-nvidia" / "build.json").exists()
+
+
+def test_tensorrt_export_refuses_a_precision_the_graph_does_not_have(tmp_path, small_npz, models):
+    with pytest.raises(StageFailed, match="asks for fp16"):
+        export.run(context(tmp_path, small_npz, "jetson-agx-orin", models["tensorrt"]))
+    with pytest.raises(StageFailed, match="explicit Q/DQ"):
+        export.run(context(tmp_path / "b", small_npz, "x86-nvidia", models["fp32"]))
+
+
+def test_dla_report_places_each_layer_with_a_reason(models):
+    report = dla.report(onnx.load(str(models["tensorrt"])), targets.load("jetson-agx-orin"),
+                        tensorrt.builder_settings(targets.load("jetson-agx-orin"), onnx.load(str(models["tensorrt"]))))
+    rows = {row["op"]: row for row in report["layers"]}
+    assert rows["Conv"]["device"] == "DLA" and "within DLA's limits" in rows["Conv"]["reason"]
+    assert rows["Gemm"]["device"] == "GPU" and "4-D" in rows["Gemm"]["reason"]
+    assert rows["Flatten"]["device"] == "GPU"
+    assert rows["QuantizeLinear"]["device"] == rows["DequantizeLinear"]["device"] == "folded"
+    # 28x28 input, two stride-2 stages: the global pool's 7x7 window fits DLA's [1, 8]
+    assert rows["GlobalAveragePool"]["device"] == "DLA" and "7x7" in rows["GlobalAveragePool"]["reason"]
+    s = report["summary"]
+    assert s["dla_layers"] + s["gpu_layers"] + s["folded"] == len(report["layers"])
+    assert s["dla_segments"] == 1 and report["dla_core"] == 0
+
+
+def test_dla_rules_send_out_of_range_layers_to_the_gpu():
+    from onnx import TensorProto, helper
+
+    def conv_graph(kernel: int, stride: int, pool: int) -> onnx.ModelProto:
+        weight = helper.make_tensor("w", TensorProto.FLOAT, [8, 1, kernel, kernel], [0.1] * (8 * kernel * kernel))
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[kernel, kernel],
+                                  strides=[stride, stride]),
+                 helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[pool, pool])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 64, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def devices(model):
+        return {n.name: dla.place(n, dla.Graph(model, 1))[0] for n in model.graph.node}
+
+    assert devices(conv_graph(3, 1, 2)) == {"conv": "DLA", "pool": "DLA"}
+    assert devices(conv_graph(33, 1, 2))["conv"] == "GPU"  # kernel beyond 32
+    assert devices(conv_graph(3, 9, 2))["conv"] == "GPU"   # stride beyond 8
+    assert devices(conv_graph(3, 1, 9))["pool"] == "GPU"   # window beyond 8
+
+
+def test_cuda_probe_without_a_driver_says_none():
+    assert tensorrt.cuda_device_count() >= 0
+    if tensorrt.cuda_device_count() == 0:
+        assert tensorrt.unavailable_reason()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(bool(tensorrt.unavailable_reason()), reason=f"needs TensorRT and a CUDA device: "
+                    f"{tensorrt.unavailable_reason() or 'present'}")
+def test_engine_build_on_a_cuda_device(tmp_path, small_npz, models):
+    ctx = context(tmp_path, small_npz, "x86-nvidia", models["tensorrt"])
+    out = export.run(ctx).parent
+    build = json.loads((out / "build.json").read_text())
+    assert (out / "model.engine").stat().st_size > 0 and build["engine"]["engine"] == "model.engine"
+    assert (out / "timing.cache").stat().st_size > 0
+    assert not any(u.startswith("tensorrt engine build") for u in build["unverified"])
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+def test_a_dla_profile_with_dynamic_batch_is_refused(tmp_path):
+    with pytest.raises(BadInput, match="DLA needs a fixed shape"):
+        trt_target(tmp_path, {"max_batch = 1": "max_batch = 8"}, "jetson-agx-orin")
