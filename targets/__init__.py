@@ -95,7 +95,7 @@ def load(name_or_path: str) -> Target:
     path = Path(name_or_path)
     if not (name_or_path.endswith(".toml") and path.is_file()):
         if name_or_path.endswith(".toml"):
-            raise BadInput(f"target file not found: {name_or_path}")
+            raise BadInput(f"unknown target {name_or_path!r}: no such file")
         path = PROFILE_DIR / f"{name_or_path}.toml"
         if not path.is_file():
             hint = difflib.get_close_matches(name_or_path, names(), n=1)
