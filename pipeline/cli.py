@@ -88,6 +88,10 @@ def _summarise(report: dict, out: Path, quiet: bool) -> None:
     click.echo(f"teacher top-1 {t['accuracy'] * 100:.2f}%  artifact top-1 {a['accuracy'] * 100:.2f}%  "
                f"agreement {a['agreement'] * 100:.2f}%  speedup {report['speedup_vs_teacher']:.1f}x  "
                f"size ratio {report['size_ratio']:.1f}x")
+    if a.get("measured_with"):
+        click.echo(f"artifact measured with {a['runtime']} on this host, not with {report['target']}'s runtime")
+    if report["unverified"]:
+        click.echo(f"not verified here: {len(report['unverified'])} item(s), listed in the report")
     click.echo(f"report: {out / 'verify' / 'report.md'}")
 
 

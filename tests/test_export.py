@@ -288,3 +288,39 @@ def test_engine_build_on_a_cuda_device(tmp_path, small_npz, models):
 def test_a_dla_profile_with_dynamic_batch_is_refused(tmp_path):
     with pytest.raises(BadInput, match="DLA needs a fixed shape"):
         trt_target(tmp_path, {"max_batch = 1": "max_batch = 8"}, "jetson-agx-orin")
+
+
+# --- whole runs -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compress_for_mobile_and_tensorrt_targets_reuses_one_distilled_student(tmp_path, small_npz, teacher_spec,
+                                                                              capsys):
+    from edgecompress.cli import main
+
+    (tmp_path / "fast.toml").write_text("[distill]\nepochs = 1\n[quantize]\ncalibration_size = 100\n"
+                                        "[verify]\nlatency_runs_bs1 = 20\nlatency_runs_batch = 3\nwarmup_runs = 2\n")
+    common = ["compress", "--data", str(small_npz), "--teacher", teacher_spec, "--student", "resnet_slim_050",
+              "--config", str(tmp_path / "fast.toml")]
+    lenient = tmp_path / "budgets.toml"
+    reports = {}
+    for name in ("mobile-arm64", "x86-nvidia"):
+        text = (targets.PROFILE_DIR / f"{name}.toml").read_text().replace("max_accuracy_drop = 2.0",
+                                                                          "max_accuracy_drop = 100.0")
+        lenient.write_text(text)
+        out = tmp_path / name
+        if name != "mobile-arm64":  # distill does not depend on the target: the first run's student serves
+            shutil.copytree(tmp_path / "mobile-arm64" / "distill", out / "distill")
+        capsys.readouterr()
+        assert main([*common, "--target", str(lenient), "--out", str(out)]) == 0
+        captured = capsys.readouterr()
+        assert ("[distill] up to date, skipped" in captured.err) == (name != "mobile-arm64")
+        assert "not verified here" in captured.out
+        reports[name] = json.loads((out / "verify" / "report.json").read_text())
+    mobile, nvidia = reports["mobile-arm64"], reports["x86-nvidia"]
+    assert mobile["artifact"]["path"] == "export/mobile-arm64/model.ort" and mobile["artifact"]["format"] == "ort-int8"
+    assert any("on-phone latency" in u for u in mobile["unverified"])
+    assert nvidia["artifact"]["path"] == "export/x86-nvidia/model.onnx"
+    assert nvidia["artifact"]["format"] == "onnx-qdq-int8" and "not with the TensorRT engine" in \
+        nvidia["artifact"]["measured_with"]
+    assert [u.split(":")[0] for u in nvidia["unverified"]] == ["tensorrt engine build", "on-device latency (x86-nvidia)"]
+    assert nvidia["budgets"]["passed"]
