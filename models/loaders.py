@@ -78,8 +78,8 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state)
 
 
-def load_factory(spec: str) -> nn.Module:
-    """Build a model from `path/to/file.py:factory`: the one place where user Python code runs."""
+def import_callable(spec: str):
+    """The function `name` of `path/to/file.py:name`: the one place where user Python code is imported."""
     file, _, name = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
@@ -95,9 +95,15 @@ def load_factory(spec: str) -> nn.Module:
         raise BadInput(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
     finally:
         sys.dont_write_bytecode = write_bytecode
-    factory = getattr(module, name, None)
-    if not callable(factory):
+    found = getattr(module, name, None)
+    if not callable(found):
         raise BadInput(f"{file} has no callable {name!r}")
+    return found
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Build a model from `path/to/file.py:factory` (the user named the file, so its code may run)."""
+    factory = import_callable(spec)
     try:
         model = factory()
     except Exception as exc:

@@ -15,10 +15,30 @@ from .errors import EdgeError, StageFailed
 
 DEFAULTS = cfg.RunConfig()
 # compress's options and the RunConfig fields they set
-FLAG_FIELDS = {"data": ("data",), "target": ("target",), "seed": ("seed",), "teacher": ("teacher", "spec"),
-               "teacher_weights": ("teacher", "weights"), "student": ("distill", "student"),
-               "epochs": ("distill", "epochs"), "skip_bad_images": ("skip_bad_images",),
-               "max_latency_ms": ("max_latency_ms",)}
+FLAG_FIELDS = {"data": ("data",), "target": ("target",), "seed": ("seed",), "student": ("distill", "student"),
+               "epochs": ("distill", "epochs"), "method": ("distill", "method"),
+               "skip_bad_images": ("skip_bad_images",), "max_latency_ms": ("max_latency_ms",)}
+
+
+def teachers_from_flags(teachers: tuple[str, ...], weights: tuple[str, ...]) -> cfg.TeacherConfig:
+    """--teacher given N times and --teacher-weights given 0 or N times pair by position ('-': none)."""
+    if weights and len(weights) != len(teachers):
+        raise click.UsageError(f"{len(teachers)} --teacher but {len(weights)} --teacher-weights: give "
+                               "--teacher-weights once per --teacher, in the same order ('-' for a teacher "
+                               "without weights), or not at all")
+    weights = [("" if w == "-" else w) for w in weights] or [""] * len(teachers)
+    return cfg.TeacherConfig(teachers[0], weights[0], list(teachers[1:]),
+                             list(weights[1:]) if any(weights[1:]) else [])
+
+
+def method_opts_from_flags(pairs: tuple[str, ...]) -> dict:
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--method-opt {pair!r} is not key=value (e.g. --method-opt temperature=2)")
+        opts[key.strip()] = value
+    return opts
 
 
 def common(f):
@@ -35,10 +55,13 @@ def cli():
 
 
 @cli.command()
-@click.option("--teacher", default=DEFAULTS.teacher.spec, show_default=True,
-              help="Teacher: a zoo name, a TorchScript file, or path/to/file.py:factory (runs that file's code).")
-@click.option("--teacher-weights", default="", metavar="CKPT",
-              help="State dict for a zoo or factory teacher, loaded with weights_only=True.  "
+@click.option("--teacher", multiple=True, default=[DEFAULTS.teacher.spec], show_default=True,
+              help="Teacher: a zoo name, a TorchScript file, an ONNX file (logit-based methods), or "
+                   "path/to/file.py:factory (runs that file's code). Repeat for several teachers (multi-teacher); "
+                   "the first is the one verify compares against.")
+@click.option("--teacher-weights", multiple=True, metavar="CKPT",
+              help="State dict for a zoo or factory teacher, loaded with weights_only=True; with several --teacher, "
+                   "give it once per --teacher in the same order, '-' for none.  "
                    "[default: shipped weights for zoo teachers on fashion-mnist]")
 @click.option("--student", default=DEFAULTS.distill.student, show_default=True,
               help="Student: a zoo name (see `edgecompress models`), path/to/file.py:factory, or `auto`: the "
@@ -52,6 +75,11 @@ def cli():
 @click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory; every output is written inside it.")
 @click.option("--epochs", default=DEFAULTS.distill.epochs, show_default=True, type=int, help="Distillation epochs.")
+@click.option("--method", default=DEFAULTS.distill.method, show_default=True,
+              help="Distillation method (see `edgecompress methods`).")
+@click.option("--method-opt", "method_opt", multiple=True, metavar="KEY=VALUE",
+              help="A method option, e.g. temperature=2 or student_layers=stages.1,stages.2; repeatable; "
+                   "wins over the config file's [distill.method_opts].")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int, help="Seed for splits, init and order.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A TOML file with any of run.toml's tables ([teacher], [distill], [quantize], [verify]); "
@@ -61,8 +89,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
 @common
 @click.pass_context
-def compress(click_ctx, teacher, teacher_weights, student, max_latency_ms, data, target, out, epochs, seed,
-             config_file, skip_bad_images, force, quiet, debug):
+def compress(click_ctx, teacher, teacher_weights, student, max_latency_ms, data, target, out, epochs, method,
+             method_opt, seed, config_file, skip_bad_images, force, quiet, debug):
     """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
     from .compress import compress as run_all
     from .runner import RunContext, locked
@@ -71,6 +99,11 @@ def compress(click_ctx, teacher, teacher_weights, student, max_latency_ms, data,
     for param, path in FLAG_FIELDS.items():
         if config_file is None or click_ctx.get_parameter_source(param) != click.core.ParameterSource.DEFAULT:
             setattr(functools.reduce(getattr, path[:-1], config), path[-1], click_ctx.params[param])
+    teacher_given = click_ctx.get_parameter_source("teacher") != click.core.ParameterSource.DEFAULT
+    if config_file is None or teacher_given or teacher_weights:
+        specs = teacher if teacher_given or config_file is None else (config.teacher.spec, *config.teacher.extra)
+        config.teacher = teachers_from_flags(specs, teacher_weights)
+    config.distill.method_opts = {**config.distill.method_opts, **method_opts_from_flags(method_opt)}
     config = config.resolve_paths().validate()
     ctx = RunContext(out, config, quiet=quiet, force=force)
     with locked(out):
@@ -102,7 +135,9 @@ def _stage_command(name: str, summary: str):
     @common
     def command(run_dir, force, quiet, debug):
         from .compress import run_one
-        from .runner import RunContext, locked, open_run
+        from .runner import RunContext, locked, open_run, rank
+
+        quiet = quiet or rank() != 0  # under torchrun, rank 0 speaks for the job
 
         ctx = RunContext(run_dir, open_run(run_dir), quiet=quiet, force=force)
         with locked(run_dir):
@@ -200,6 +235,17 @@ def models():
 
     for entry in ZOO.values():
         click.echo(f"{entry.name:20s} {entry.family:14s} {entry.description}")
+
+
+@cli.command()
+def methods():
+    """List the distillation methods: family, paper, options with their defaults."""
+    from . import distillers
+
+    for cls in distillers.METHODS.values():
+        opts = " ".join(f"{k}={','.join(v) if isinstance(v, list) else f'{v:g}' if isinstance(v, float) else v}"
+                        for k, v in distillers.options(cls).items())
+        click.echo(f"{cls.name:14s} {cls.family:14s} {cls.paper:32s} {opts or '-'}")
 
 
 def main(argv: list[str] | None = None) -> int:

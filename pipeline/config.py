@@ -20,14 +20,21 @@ from .errors import BadInput
 class TeacherConfig:
     spec: str = "resnet18_half"  # zoo name, TorchScript file, or path/to/file.py:factory
     weights: str = ""            # state dict for a zoo or factory teacher; zoo weights shipped for fashion-mnist
+    # more teachers, for methods that take several (multi-teacher): specs, and weights paired with them by
+    # position (empty, or one entry per spec with "" where a teacher needs none)
+    extra: list = field(default_factory=list)
+    extra_weights: list = field(default_factory=list)
 
 
 @dataclass
 class DistillConfig:
     student: str = "resnet_slim_150"  # zoo name or path/to/file.py:factory
-    method: str = "hinton"
-    temperature: float = 4.0          # Hinton et al. 2015 use T in [2, 20]; 4 is mdistiller's CIFAR default
-    alpha: float = 0.9                # weight of the KD term; 1 - alpha weighs cross-entropy on labels
+    method: str = "hinton"            # a name from `edgecompress methods`
+    # options of the method (`edgecompress methods` lists them with their paper defaults); they win over
+    # temperature/alpha below
+    method_opts: dict = field(default_factory=dict)
+    temperature: float = 4.0          # Hinton KD's T (also multi-teacher, cross-modal); Hinton et al. use [2, 20]
+    alpha: float = 0.9                # Hinton KD's weight of the KD term; 1 - alpha weighs cross-entropy on labels
     epochs: int = 8
     batch: int = 128
     lr: float = 0.05
@@ -77,6 +84,11 @@ class RunConfig:
 
         self.data = absolute(self.data)
         self.teacher.spec, self.teacher.weights = absolute(self.teacher.spec), absolute(self.teacher.weights)
+        self.teacher.extra = [absolute(s) for s in self.teacher.extra]
+        self.teacher.extra_weights = [absolute(w) for w in self.teacher.extra_weights]
+        view = self.distill.method_opts.get("view")
+        if isinstance(view, str) and ".py:" in view:  # cross-modal's user pair transform
+            self.distill.method_opts["view"] = absolute(view)
         self.distill.student = absolute(self.distill.student)
         self.target = absolute(self.target) if self.target.endswith(".toml") else self.target
         return self
@@ -98,10 +110,24 @@ class RunConfig:
             raise BadInput(f"distill.alpha must be in [0, 1], got {d.alpha}")
         if d.precision not in ("auto", "fp32", "bf16"):
             raise BadInput(f"distill.precision must be auto, fp32 or bf16, got {d.precision!r}")
+        self._validate_teachers()
+        from . import distillers  # torch: imported only when a config is checked
+
+        distillers.resolve_options(d.method, d.method_opts)
         if self.quantize.calibration_method not in ("minmax", "entropy", "percentile"):
             raise BadInput("quantize.calibration_method must be minmax, entropy or percentile, "
                            f"got {self.quantize.calibration_method!r}")
         return self
+
+
+    def _validate_teachers(self) -> None:
+        t = self.teacher
+        for name, values in (("teacher.extra", t.extra), ("teacher.extra_weights", t.extra_weights)):
+            if not all(isinstance(v, str) for v in values) or (name == "teacher.extra" and not all(values)):
+                raise BadInput(f"{name} must be a list of file or zoo names, got {values!r}")
+        if t.extra_weights and len(t.extra_weights) != len(t.extra):
+            raise BadInput(f"teacher.extra_weights has {len(t.extra_weights)} entries for {len(t.extra)} teachers "
+                           "in teacher.extra: give one per teacher, in the same order (\"\" for none)")
 
 
 def _typed(value, kind: type, name: str):

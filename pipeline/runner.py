@@ -142,18 +142,26 @@ def is_done(ctx: RunContext, stage: Stage, expected: str | None = None) -> bool:
         return False
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 when run alone): only rank 0 writes shared files."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_stage(ctx: RunContext, stage: Stage) -> Path:
     expected = fingerprint(ctx, stage)
     if not ctx.force and is_done(ctx, stage, expected):
         record = json.loads((ctx.out / stage.name / "done.json").read_text())
         ctx.log(f"[{stage.name}] up to date, skipped")
         return ctx.out / record["artifact"]
-    (ctx.out / stage.name / "done.json").unlink(missing_ok=True)
+    if rank() == 0:
+        (ctx.out / stage.name / "done.json").unlink(missing_ok=True)
     ctx.log(f"[{stage.name}] running")
     start = time.perf_counter()
     artifact = stage.run(ctx)
     seconds = time.perf_counter() - start
     ctx.timings[stage.name] = seconds
+    if rank() != 0:
+        return artifact
     files.write_json(ctx.out / stage.name / "done.json", {
         "fingerprint": expected, "artifact": str(artifact.relative_to(ctx.out)), "sha256": files.sha256(artifact),
         "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -165,6 +173,9 @@ def run_stage(ctx: RunContext, stage: Stage) -> Path:
 def locked(out: Path) -> Iterator[None]:
     """Hold the run directory for this process. The kernel drops an flock when its process dies, even by
     SIGKILL, so a crashed run never blocks the next one."""
+    if rank() != 0:  # the other ranks of a torchrun job work under rank 0's lock
+        yield
+        return
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
