@@ -39,7 +39,7 @@ def build_record(ctx: RunContext) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        raise StageFailed(f"{path} is missing or unreadable: run `edgecompress export {ctx.out}`") from None
+        raise StageFailed(f"{path} is missing or unreadable: run `edgecompress export {ctx.out} --force`") from None
 
 
 def artifact_path(ctx: RunContext) -> Path:

@@ -97,6 +97,15 @@ def test_onnxruntime_export_writes_the_portable_optimised_graph(tmp_path, small_
     np.testing.assert_allclose(logits(artifact, x), logits(models["x86"], x), atol=1e-3)
 
 
+def test_a_lost_build_json_says_how_to_remake_it(tmp_path, small_npz, models):
+    ctx = context(tmp_path, small_npz, "x86-cpu", models["x86"])
+    export.run(ctx)
+    assert export.artifact_path(ctx) == tmp_path / "export" / "x86-cpu" / "model.onnx"
+    (tmp_path / "export" / "x86-cpu" / "build.json").unlink()
+    with pytest.raises(StageFailed, match="build.json is missing or unreadable: run `edgecompress export .* --force`"):
+        export.artifact_path(ctx)
+
+
 def test_a_provider_this_build_lacks_is_recorded_not_pretended(tmp_path, small_npz, models):
     text = (targets.PROFILE_DIR / "x86-cpu.toml").read_text().replace(
         'execution_providers = ["CPUExecutionProvider"]',
