@@ -198,8 +198,11 @@ def run(ctx: RunContext) -> Path:
     build = export.build_record(ctx)  # what the export stage made, and what it says to run here in its place
     artifact_path = export.artifact_path(ctx)
     student_path = ctx.out / "quantize" / "student.fp32.onnx"
-    formats = {"student_fp32": onnx_format(student_path), "artifact": build["format"]}
-    runtimes = {"student_fp32": export.runtime_label(formats["student_fp32"]), "artifact": build["verify_with"]["runtime"]}
+    # read from the file itself, so an artifact replaced after export is reported as what it is; an .ort file
+    # (a flatbuffer onnx cannot read) keeps export's word
+    formats = {"student_fp32": onnx_format(student_path),
+               "artifact": onnx_format(artifact_path) if artifact_path.suffix == ".onnx" else build["format"]}
+    runtimes = {name: export.runtime_label(fmt) for name, fmt in formats.items()}
     providers = tuple(build["verify_with"]["providers"])
     cores = os.cpu_count() or 1
     # Accuracy does not depend on threads, so it runs on every core; latency runs with the target's threads.
