@@ -12,6 +12,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     XDG_CACHE_HOME=/tmp/cache \
     PATH=/usr/src/tensorrt/bin:${PATH}
 
+# apt versions are left to the pinned L4T base: its NVIDIA apt repository serves the python3-libnvinfer that
+# matches the image's TensorRT, and a pinned version string would break on the next L4T point release
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-pip python3-libnvinfer \
