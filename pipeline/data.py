@@ -39,7 +39,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])
+        return tuple(self.x_eval.shape[1:])  # the same as the training images' (checked on loading)
 
     @cached_property
     def sha256_16(self) -> str:

@@ -53,6 +53,14 @@ class RunContext:
 
     @cached_property
     def data_stats(self) -> tuple[list[float], list[float]]:
+        """The per-channel mean/std models carry: measured on the training images, or for a data-free method,
+        which reads none, the teacher's own as its checkpoint records it."""
+        from . import distillers
+
+        if distillers.METHODS.get(self.config.distill.method, distillers.Distiller).supplies_inputs:
+            from .datafree import teacher_normalisation
+
+            return teacher_normalisation(self.config.teacher.spec, self.config.teacher.weights, self.data.name)
         return datasets.channel_stats(self.data.x_train)
 
     @cached_property

@@ -1,0 +1,415 @@
+"""Data-free distillation: synthesise images from the teacher alone, then distil the student on them.
+
+DeepInversion (Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020,
+arXiv:1912.08795) optimises batches of pixels so that the teacher classifies them as sampled target classes while
+the statistics of every BatchNorm layer's input match the running statistics the teacher stored in training:
+
+    L(x) = CE(f_t(x~), y)                                        target classes y, sampled evenly
+         + bn_weight * sum_l m_l * (||mu_l(x~) - mu_l^BN||_2 + ||sigma^2_l(x~) - sigma^2_l^BN||_2)
+         + tv_weight * TV_2(x) + l2_weight * ||x||_2^2
+
+where x~ is x randomly jittered and flipped, mu_l / sigma^2_l are the per-channel mean and variance of layer l's
+input over the batch, m_l is first_bn_multiplier for the first BatchNorm layer and 1 otherwise, and
+TV_2(x) = mean (x[i+1, j] - x[i, j])^2 + mean (x[i, j+1] - x[i, j])^2 (the squared total variation prior).
+No training image or label is read: the only information used is in the teacher's weights.
+
+The student then learns from the synthetic images by Hinton KD (arXiv:1503.02531) with the teacher's soft targets
+recomputed on every augmented (shifted, flipped, mixed-up) batch, so that the few thousand synthetic images a CPU
+can afford give many distinct views (the consistent-teacher function matching of Beyer et al., "Knowledge
+distillation: A good teacher is patient and consistent", CVPR 2022, arXiv:2106.05237):
+
+    L_student = T^2 * KL(softmax(f_t(x') / T) || softmax(f_s(x') / T)),   x' = augment(x)
+
+Chen et al.'s DAFL ("Data-Free Learning of Student Networks", ICCV 2019, arXiv:1904.01186), a generator trained
+with one-hot, activation and information-entropy losses, is not implemented: it trains the generator for many
+epochs, far beyond a CPU's budget, where DeepInversion's fixed image set is synthesised once and cached.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecompress.models import ZOO, count_params
+from edgecompress.models.loaders import read_checkpoint, shipped_weights
+
+from . import distillers, files
+from .distillers import kd_loss
+from .errors import BadInput, StageFailed
+from .runner import RunContext, Stage, digest
+
+
+METHOD = "datafree"  # the distill.method value that selects this stage
+
+
+@dataclass
+class DataFreeConfig:
+    """Synthesis and student-training settings. The paper's CIFAR-10 settings (Adam lr 0.05 with betas (0.5, 0.9),
+    2k iterations, batch 256, BN weight 10, jitter 2 px and flips) are scaled down for a 2-core CPU: fewer images
+    and iterations, with a higher learning rate decayed by a cosine so that the short optimisation converges, and
+    a BN weight of 1 so that the class term is met within those few iterations."""
+
+    images: int = 2000              # synthetic images, target classes sampled evenly
+    batch: int = 100                # images optimised together: BN statistics are matched over a batch (paper 256)
+    iterations: int = 40            # Adam steps per batch (paper 2000)
+    lr: float = 0.1                 # Adam learning rate on [0, 1] pixels, cosine-decayed (paper 0.05)
+    bn_weight: float = 1.0          # weight of the BN statistics term (paper's CIFAR-10 setting 10)
+    first_bn_multiplier: float = 1.0  # extra weight on the first BN layer (the paper's ImageNet code uses 10)
+    tv_weight: float = 1e-3         # squared total variation prior (the DeepInversion repo's tuned CIFAR setting)
+    l2_weight: float = 0.0          # mean squared pixel prior (paper's CIFAR-10 setting: 0)
+    jitter: int = 2                 # random shift in pixels each step (paper: 2 px on 32x32)
+    flip: bool = True               # random horizontal flip each step
+    shift: int = 2                  # student training: random per-image shift in pixels (zero padding)
+    mixup: bool = True              # student training: mix random pairs of synthetic images
+
+    def check(self) -> "DataFreeConfig":
+        for name in ("images", "batch", "iterations"):
+            if getattr(self, name) <= 0:
+                raise BadInput(f"datafree option {name} must be > 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise BadInput(f"datafree option lr must be > 0, got {self.lr}")
+        for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "jitter", "shift"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"datafree option {name} must be >= 0, got {getattr(self, name)}")
+        return self
+
+
+class BatchNormStatistics:
+    """Forward hooks on every BatchNorm2d of the teacher: after a forward pass, `loss()` is
+    sum_l m_l * (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2) over the inputs of that pass."""
+
+    def __init__(self, model: nn.Module, first_multiplier: float):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.layers:
+            raise BadInput("data-free distillation matches the teacher's BatchNorm statistics, and this teacher "
+                           "has no BatchNorm2d layer: choose a teacher with BatchNorm, or another method")
+        self.first_multiplier = first_multiplier
+        self.terms: list[torch.Tensor] = []
+        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output) -> None:
+        x = inputs[0].float()
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
+                          + torch.linalg.vector_norm(var - module.running_var))
+
+    def loss(self) -> torch.Tensor:
+        terms, self.terms = self.terms, []
+        return terms[0] * self.first_multiplier + sum(terms[1:])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Squared total variation: mean squared difference of vertically and of horizontally adjacent pixels."""
+    return (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean()
+
+
+def jitter_flip(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """The same random shift (wrapping around) and, half the time, a horizontal flip, for the whole batch."""
+    if jitter:
+        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if flip and torch.rand((), generator=gen).item() < 0.5:
+        x = torch.flip(x, dims=(3,))
+    return x
+
+
+def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, shape: tuple[int, int, int],
+                     conf: DataFreeConfig, gen: torch.Generator, autocast: torch.dtype | None = None,
+                     on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch of DeepInversion images for `labels` (on the teacher's device): (uint8 images (N, C, H, W) on the
+    CPU, the last step's loss terms and the fraction the teacher classifies as their targets)."""
+    device = next(teacher.parameters()).device
+    labels = labels.to(device)
+    stats = BatchNormStatistics(teacher, conf.first_bn_multiplier)
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    for p in trainable:  # gradients flow to the pixels only
+        p.requires_grad_(False)
+    try:
+        x = torch.rand(len(labels), *shape, generator=gen).to(device).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=conf.lr, betas=(0.5, 0.9))  # the paper's betas for the pixel optimiser
+        losses: dict[str, torch.Tensor] = {}
+        for step in range(conf.iterations):
+            for group in opt.param_groups:  # cosine decay: large early steps, fine ones at the end
+                group["lr"] = conf.lr * 0.5 * (1 + math.cos(math.pi * step / conf.iterations))
+            # channels-last convolutions are faster on CPU (oneDNN) and on CUDA tensor cores
+            view = jitter_flip(x, conf.jitter, conf.flip, gen).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                logits = teacher(view)
+            losses = {"ce": F.cross_entropy(logits.float(), labels),
+                      "bn": conf.bn_weight * stats.loss(),
+                      "tv": conf.tv_weight * total_variation(x),
+                      "l2": conf.l2_weight * x.pow(2).mean()}
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise StageFailed(f"the DeepInversion loss became {loss.item()}: lower datafree lr ({conf.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(0.0, 1.0)  # keep valid pixels: the teacher takes [0, 1]
+            if on_step:
+                on_step()
+    finally:
+        stats.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        images = (x.detach() * 255).round().to(torch.uint8)
+        accepted = (teacher(images.float() / 255).argmax(1) == labels).float().mean().item()
+        images = images.cpu()
+    return images, {**{k: round(v.item(), 5) for k, v in losses.items()}, "teacher_top1_on_targets": accepted}
+
+
+def batch_sizes(conf: DataFreeConfig) -> list[int]:
+    """Sizes of the synthesis batches: `batch` each, the last one smaller when `images` is not a multiple."""
+    full, rest = divmod(conf.images, conf.batch)
+    return [conf.batch] * full + ([rest] if rest else [])
+
+
+def save_preview(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10) -> None:
+    """A PNG grid of the first synthetic images of each class (one row per class), to see what the teacher dreamt."""
+    from PIL import Image
+
+    rows = []
+    for c in range(num_classes):
+        picked = images[labels == c][:per_class]
+        picked = torch.cat([picked, torch.zeros(per_class - len(picked), *images.shape[1:], dtype=torch.uint8)])
+        rows.append(torch.cat(list(picked), dim=2))  # (C, H, per_class * W)
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()  # (classes * H, per_class * W, C)
+    with files.atomic_path(path) as tmp:
+        Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(tmp, format="PNG")
+
+
+def synthesize(teacher: nn.Module, shape: tuple[int, int, int], num_classes: int, conf: DataFreeConfig, seed: int,
+               cache_dir: Path, key: str, progress, log: Callable[[str], None],
+               autocast: torch.dtype | None = None, reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """All `conf.images` synthetic images and their target classes, batch by batch.
+
+    Each finished batch is saved atomically in `cache_dir` under `key` (the teacher and the settings), so a killed
+    run keeps its finished batches, and each batch's random numbers depend only on (seed, batch index), so the
+    resumed set equals an uninterrupted one. `reuse=False` remakes every batch.
+    """
+    batches = len(batch_sizes(conf))
+    images, labels, records, todo = [], [], [], []
+    for index in range(batches):
+        path = cache_dir / f"batch_{index:04d}.pt"
+        saved = torch.load(path, map_location="cpu", weights_only=True) if reuse and path.is_file() else {}
+        if saved.get("key") == key:
+            images.append(saved["images"])
+            labels.append(saved["labels"])
+            records.append(saved["record"])
+        else:
+            images.append(None)
+            labels.append(None)
+            records.append(None)
+            todo.append(index)
+    if len(todo) < batches:
+        log(f"[distill] {batches - len(todo)}/{batches} synthetic batches already made, {len(todo)} to go")
+    with progress(None, "synthesis", length=len(todo) * conf.iterations) as bar:
+        for index in todo:
+            count = batch_sizes(conf)[index]
+            # target classes cycle through all classes, continuing across batches, so every class is covered
+            y = (torch.arange(count) + index * conf.batch) % num_classes
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            began = time.perf_counter()
+            x, terms = synthesize_batch(teacher, y, shape, conf, gen, autocast, on_step=lambda: bar.update(1))
+            record = {"batch": index, **terms, "seconds": round(time.perf_counter() - began, 2)}
+            with files.atomic_path(cache_dir / f"batch_{index:04d}.pt") as tmp:
+                torch.save({"key": key, "images": x, "labels": y, "record": record}, tmp)
+            images[index], labels[index], records[index] = x, y, record
+    return torch.cat(images), torch.cat(labels), records
+
+
+def augment(x: torch.Tensor, shift: int, mixup: bool, gen: torch.Generator) -> torch.Tensor:
+    """Views of a batch for the student: a random shift per image (zero padding), a random horizontal flip per
+    image, then mixup of random pairs (Zhang et al., 2018, arXiv:1710.09412) with a uniform weight per image."""
+    n, c, h, w = x.shape
+    if shift:
+        padded = F.pad(x, (shift, shift, shift, shift))
+        dy = torch.randint(0, 2 * shift + 1, (n, 1), generator=gen) + torch.arange(h)
+        dx = torch.randint(0, 2 * shift + 1, (n, 1), generator=gen) + torch.arange(w)
+        x = padded.gather(2, dy[:, None, :, None].expand(n, c, h, w + 2 * shift))
+        x = x.gather(3, dx[:, None, None, :].expand(n, c, h, w))
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mixup:
+        weight = torch.rand(n, 1, 1, 1, generator=gen)
+        x = weight * x + (1 - weight) * x[torch.randperm(n, generator=gen)]
+    return x
+
+
+@dataclass
+class StudentSchedule:
+    """How the student learns from the synthetic set: distill's epochs, batch, lr, weight decay and temperature."""
+
+    epochs: int
+    batch: int
+    lr: float
+    weight_decay: float
+    temperature: float
+
+
+def train_student(student: nn.Module, teacher: nn.Module, images: torch.Tensor, conf: DataFreeConfig,
+                  schedule: StudentSchedule, seed: int, ckpt_path: Path, key: str, progress,
+                  log: Callable[[str], None], autocast: torch.dtype | None = None,
+                  device: torch.device = torch.device("cpu")) -> list[dict]:
+    """Hinton KD on augmented synthetic images, the teacher's soft targets computed on each augmented batch.
+    Checkpoints after each epoch under `key`; a rerun with the same key resumes after the last finished one."""
+    steps = len(images) // schedule.batch
+    if steps == 0:
+        raise BadInput(f"distill.batch {schedule.batch} is larger than the {len(images)} synthetic images: "
+                       "raise the datafree option images or lower distill.batch")
+    opt = torch.optim.SGD(student.parameters(), lr=schedule.lr, momentum=0.9, nesterov=True,
+                          weight_decay=schedule.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=schedule.epochs * steps,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    history, start = [], 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("key") == key:
+            student.load_state_dict(ckpt["student"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            gen.set_state(ckpt["generator"])
+            history, start = ckpt["history"], ckpt["epoch"]
+            log(f"[distill] resuming after epoch {start}/{schedule.epochs}")
+    pixels = images.float() / 255
+    for epoch in range(start, schedule.epochs):
+        student.train()
+        order = torch.randperm(len(images), generator=gen)
+        began, total, agree, seen = time.perf_counter(), 0.0, 0, 0
+        with progress(range(steps), f"epoch {epoch + 1}/{schedule.epochs}") as bar:
+            for step in bar:
+                x = augment(pixels[order[step * schedule.batch:(step + 1) * schedule.batch]], conf.shift,
+                            conf.mixup, gen).to(device).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    with torch.inference_mode():
+                        target = teacher(x).float()
+                    logits = student(x)
+                loss = kd_loss(logits, target.clone(), schedule.temperature)
+                if not torch.isfinite(loss):
+                    raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: lower "
+                                      f"the learning rate (distill.lr = {schedule.lr}); the last good checkpoint "
+                                      f"is {ckpt_path}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(x)
+                agree += (logits.argmax(1) == target.argmax(1)).sum().item()
+                seen += len(x)
+        seconds = time.perf_counter() - began
+        history.append({"epoch": epoch + 1, "kd": round(total / seen, 5), "teacher_agreement": round(agree / seen, 5),
+                        "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1)})
+        log(f"[distill] epoch {epoch + 1}/{schedule.epochs} " +
+            " ".join(f"{k}={v}" for k, v in history[-1].items() if k != "epoch"))
+        with files.atomic_path(ckpt_path) as tmp:
+            torch.save({"key": key, "epoch": epoch + 1, "student": student.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "generator": gen.get_state(), "history": history}, tmp)
+    return history
+
+
+def teacher_normalisation(spec: str, weights: str, data_name: str) -> tuple[list[float], list[float]]:
+    """The input normalisation the teacher was trained with, from its checkpoint's meta. Without training images
+    the per-channel statistics cannot be measured, so a teacher whose checkpoint does not record them is refused."""
+    path = weights or (shipped_weights(spec, data_name) if spec in ZOO else None)
+    if path:
+        _, meta = read_checkpoint(path)
+        if isinstance(meta.get("mean"), list) and isinstance(meta.get("std"), list):
+            return [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    raise BadInput("data-free distillation takes the input normalisation from the teacher's checkpoint (training "
+                   f"images are not read), and {path or spec} records none: save the teacher as "
+                   '{"state_dict": ..., "meta": {"mean": [...], "std": [...]}} with its training per-channel '
+                   "mean/std of [0, 1] pixels and pass it as --teacher-weights")
+
+
+def inputs(ctx: RunContext) -> dict:
+    """What the student depends on: the config, the teacher, and the data's classes and image shape; never the
+    training images, which this stage does not read."""
+    ds = ctx.data
+    return {"distill": ctx.config.distill.__dict__, "seed": ctx.config.seed,
+            "data": {"classes": ds.classes, "input_shape": list(ds.input_shape)}, **ctx.teacher_inputs}
+
+
+@distillers.register
+class DataFree(distillers.Distiller):
+    """Data-free KD: DeepInversion (Yin et al., CVPR 2020, arXiv:1912.08795) synthesises the inputs from the teacher
+    alone (loss in this module's docstring), then Hinton KD on augmented synthetic images:
+
+    L = T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) on synthetic x' (no label term: there are no labels)
+    """
+
+    name, family, paper = METHOD, "data-free", "arXiv:1912.08795"
+    supplies_inputs = True
+    defaults = {**asdict(DataFreeConfig()), "temperature": 4.0}
+
+    def forward_train(self, x, y=None, teacher_logits=None, teacher=None, index=None):
+        logits = self.student(x)
+        return logits, {"kd": kd_loss(logits, teacher_logits, self.hp["temperature"])}
+
+
+def run(ctx: RunContext) -> Path:
+    """The distill stage for data-free methods: synthesise (cached batch by batch), then distil the student."""
+    from .distill import build_student, device_and_precision, method_options
+
+    dconf, seed = ctx.config.distill, ctx.config.seed
+    opts = method_options(dconf)
+    conf = DataFreeConfig(**{f.name: opts[f.name] for f in fields(DataFreeConfig)}).check()
+    out_dir = ctx.stage_dir("distill")
+    device, autocast = device_and_precision(dconf.precision)
+    teacher, info = ctx.teacher
+    if info.get("kind") in ("onnx", "torchscript"):
+        raise BadInput(f"data-free distillation matches the teacher's BatchNorm statistics, which a {info['kind']} "
+                       "teacher cannot show: give a zoo name or file.py:factory teacher with --teacher-weights")
+    teacher = teacher.to(device).to(memory_format=torch.channels_last).eval()
+    ds = ctx.data  # its classes and image shape only: the training split is never read here
+    shape, num_classes = tuple(ds.input_shape), ds.num_classes
+    synthesis = {f.name: opts[f.name] for f in fields(DataFreeConfig) if f.name not in ("shift", "mixup")}
+    synthesis_key = digest({"synthesis": synthesis, "seed": seed, "shape": list(shape), "classes": num_classes,
+                            **ctx.teacher_inputs})
+    ctx.log(f"[distill] data-free: synthesising {conf.images} images from the teacher alone "
+            f"({conf.iterations} DeepInversion steps per batch of {conf.batch}); no training image or label is read")
+    images, labels, records = synthesize(teacher, shape, num_classes, conf, seed, out_dir / "synthetic",
+                                         synthesis_key, ctx.progress, ctx.log, autocast, reuse=not ctx.force)
+    accepted = sum(r["teacher_top1_on_targets"] * n for r, n in zip(records, batch_sizes(conf)))
+    ctx.log(f"[distill] synthesis done: the teacher classifies {accepted / conf.images:.1%} of the images as "
+            "their target classes")
+    save_preview(images, labels, num_classes, out_dir / "synthetic.png")
+
+    torch.manual_seed(seed)
+    student = build_student(ctx).to(device).to(memory_format=torch.channels_last)
+    schedule = StudentSchedule(dconf.epochs, dconf.batch, dconf.lr, dconf.weight_decay, opts["temperature"])
+    ckpt_path = out_dir / "last.ckpt"
+    if ctx.force:  # --force means from scratch, the synthetic images included
+        ckpt_path.unlink(missing_ok=True)
+    history = train_student(student, teacher, images, conf, schedule, seed, ckpt_path, digest(inputs(ctx)),
+                            ctx.progress, ctx.log, autocast, device)
+
+    student = student.cpu().to(memory_format=torch.contiguous_format).eval()
+    mean, std = ctx.data_stats
+    files.write_json(out_dir / "history.json", {
+        "method": dconf.method, "options": opts, "teachers": [ctx.config.teacher.spec], "device": str(device),
+        "autocast": str(autocast) if autocast else "fp32", "training_images_read": 0,
+        "normalisation": {"mean": mean, "std": std, "from": "teacher checkpoint"},
+        "synthesis": records, "epochs": history})
+    spec = {"student": dconf.student, "input_shape": list(shape), "num_classes": num_classes,
+            "classes": ds.classes, "mean": mean, "std": std, "params": count_params(student)}
+    artifact = out_dir / "student.pt"
+    with files.atomic_path(artifact) as tmp:
+        torch.save({"state_dict": student.state_dict(), "spec": spec}, tmp)
+    return artifact
+
+
+STAGE = Stage("distill", run, inputs)
