@@ -64,6 +64,8 @@ class DataFreeConfig:
     tv_weight: float = 1e-3         # squared total variation prior (the DeepInversion repo's tuned CIFAR setting)
     l2_weight: float = 0.0          # mean squared pixel prior (paper's CIFAR-10 setting: 0)
     jitter: int = 2                 # random shift in pixels each step (paper: 2 px on 32x32)
+    init: str = "noise"             # noise: N(mean, std) of the teacher's input; blob: a centred ellipse on black
+    resolution: int = 0             # optimise a resolution x resolution grid, upsampled bilinearly; 0: every pixel
     flip: bool = True               # random horizontal flip each step
     shift: int = 2                  # student training: random per-image shift in pixels (zero padding)
     mixup: bool = True              # student training: mix random pairs of synthetic images
@@ -74,7 +76,7 @@ class DataFreeConfig:
                 raise BadInput(f"datafree option {name} must be > 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise BadInput(f"datafree option lr must be > 0, got {self.lr}")
-        for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "jitter", "shift"):
+        for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "jitter", "resolution", "shift"):
             if getattr(self, name) < 0:
                 raise BadInput(f"datafree option {name} must be >= 0, got {getattr(self, name)}")
         return self
@@ -124,11 +126,34 @@ def jitter_flip(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) 
     return x
 
 
+def centred_blobs(count: int, shape: tuple[int, int, int], gen: torch.Generator) -> torch.Tensor:
+    """`count` soft-edged ellipses of random size, aspect and brightness near the centre of a black image, plus a
+    little noise: a start that, like most photographs and scans, has one centred object on a plain background."""
+    c, h, w = shape
+    ys = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return (low + (high - low) * torch.rand(count, generator=gen)).view(count, 1, 1)
+
+    cy, cx = uniform(0.4, 0.6) * h, uniform(0.4, 0.6) * w
+    ry, rx = uniform(0.2, 0.45) * h, uniform(0.15, 0.45) * w
+    inside = 1 - (((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2)
+    blob = torch.sigmoid(4 * inside) * uniform(0.4, 0.9)
+    noise = 0.05 * torch.randn(count, c, h, w, generator=gen)
+    return (blob[:, None] + noise).clamp(0, 1)
+
+
 def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, shape: tuple[int, int, int],
-                     conf: DataFreeConfig, gen: torch.Generator, autocast: torch.dtype | None = None,
-                     on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     normalisation: tuple[list[float], list[float]], conf: DataFreeConfig, gen: torch.Generator,
+                     autocast: torch.dtype | None = None, on_step: Callable[[], None] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """One batch of DeepInversion images for `labels` (on the teacher's device): (uint8 images (N, C, H, W) on the
-    CPU, the last step's loss terms and the fraction the teacher classifies as their targets)."""
+    CPU, the last step's loss terms and the fraction the teacher classifies as their targets).
+
+    The pixels start as Gaussian noise with the teacher's input mean and std per channel (`normalisation`), i.e. the
+    paper's N(0, 1) in the teacher's normalised input space.
+    """
     device = next(teacher.parameters()).device
     labels = labels.to(device)
     stats = BatchNormStatistics(teacher, conf.first_bn_multiplier)
@@ -136,13 +161,24 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, shape: tuple[int,
     for p in trainable:  # gradients flow to the pixels only
         p.requires_grad_(False)
     try:
-        x = torch.rand(len(labels), *shape, generator=gen).to(device).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=conf.lr, betas=(0.5, 0.9))  # the paper's betas for the pixel optimiser
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalisation)
+        grid = (shape[0], conf.resolution or shape[1], conf.resolution or shape[2])
+        if conf.init == "blob":
+            z = centred_blobs(len(labels), grid, gen)
+        else:
+            z = (mean + std * torch.randn(len(labels), *grid, generator=gen)).clamp(0, 1)
+        z = z.to(device).requires_grad_(True)
+
+        def image() -> torch.Tensor:  # bilinear from the coarser grid: a convex mix, so still in [0, 1]
+            return F.interpolate(z, size=shape[1:], mode="bilinear", align_corners=False) if conf.resolution else z
+
+        opt = torch.optim.Adam([z], lr=conf.lr, betas=(0.5, 0.9))  # the paper's betas for the pixel optimiser
         losses: dict[str, torch.Tensor] = {}
         for step in range(conf.iterations):
             for group in opt.param_groups:  # cosine decay: large early steps, fine ones at the end
                 group["lr"] = conf.lr * 0.5 * (1 + math.cos(math.pi * step / conf.iterations))
             # channels-last convolutions are faster on CPU (oneDNN) and on CUDA tensor cores
+            x = image()
             view = jitter_flip(x, conf.jitter, conf.flip, gen).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 logits = teacher(view)
@@ -157,7 +193,7 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, shape: tuple[int,
             loss.backward()
             opt.step()
             with torch.no_grad():
-                x.clamp_(0.0, 1.0)  # keep valid pixels: the teacher takes [0, 1]
+                z.clamp_(0.0, 1.0)  # keep valid pixels: the teacher takes [0, 1]
             if on_step:
                 on_step()
     finally:
@@ -165,7 +201,7 @@ def synthesize_batch(teacher: nn.Module, labels: torch.Tensor, shape: tuple[int,
         for p in trainable:
             p.requires_grad_(True)
     with torch.no_grad():
-        images = (x.detach() * 255).round().to(torch.uint8)
+        images = (image() * 255).round().to(torch.uint8)
         accepted = (teacher(images.float() / 255).argmax(1) == labels).float().mean().item()
         images = images.cpu()
     return images, {**{k: round(v.item(), 5) for k, v in losses.items()}, "teacher_top1_on_targets": accepted}
@@ -191,7 +227,8 @@ def save_preview(images: torch.Tensor, labels: torch.Tensor, num_classes: int, p
         Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(tmp, format="PNG")
 
 
-def synthesize(teacher: nn.Module, shape: tuple[int, int, int], num_classes: int, conf: DataFreeConfig, seed: int,
+def synthesize(teacher: nn.Module, shape: tuple[int, int, int], num_classes: int,
+               normalisation: tuple[list[float], list[float]], conf: DataFreeConfig, seed: int,
                cache_dir: Path, key: str, progress, log: Callable[[str], None],
                autocast: torch.dtype | None = None, reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """All `conf.images` synthetic images and their target classes, batch by batch.
@@ -223,7 +260,8 @@ def synthesize(teacher: nn.Module, shape: tuple[int, int, int], num_classes: int
             y = (torch.arange(count) + index * conf.batch) % num_classes
             gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
             began = time.perf_counter()
-            x, terms = synthesize_batch(teacher, y, shape, conf, gen, autocast, on_step=lambda: bar.update(1))
+            x, terms = synthesize_batch(teacher, y, shape, normalisation, conf, gen, autocast,
+                                        on_step=lambda: bar.update(1))
             record = {"batch": index, **terms, "seconds": round(time.perf_counter() - began, 2)}
             with files.atomic_path(cache_dir / f"batch_{index:04d}.pt") as tmp:
                 torch.save({"key": key, "images": x, "labels": y, "record": record}, tmp)
@@ -381,7 +419,7 @@ def run(ctx: RunContext) -> Path:
                             **ctx.teacher_inputs})
     ctx.log(f"[distill] data-free: synthesising {conf.images} images from the teacher alone "
             f"({conf.iterations} DeepInversion steps per batch of {conf.batch}); no training image or label is read")
-    images, labels, records = synthesize(teacher, shape, num_classes, conf, seed, out_dir / "synthetic",
+    images, labels, records = synthesize(teacher, shape, num_classes, ctx.data_stats, conf, seed, out_dir / "synthetic",
                                          synthesis_key, ctx.progress, ctx.log, autocast, reuse=not ctx.force)
     accepted = sum(r["teacher_top1_on_targets"] * n for r, n in zip(records, batch_sizes(conf)))
     ctx.log(f"[distill] synthesis done: the teacher classifies {accepted / conf.images:.1%} of the images as "

@@ -42,6 +42,9 @@ def teacher() -> nn.Module:
     return model
 
 
+NORMALISATION = ([0.286], [0.353])  # the teacher's, as its checkpoint records them (rounded)
+
+
 def test_bn_statistics_loss_matches_hand_computed_value():
     bn = nn.BatchNorm2d(2).eval()
     bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
@@ -73,9 +76,11 @@ def test_synthesis_moves_images_towards_targets_and_bn_statistics(teacher):
     """DeepInversion's objective falls: the teacher comes to classify the images as their targets."""
     labels = torch.arange(10)
     conf = datafree.DataFreeConfig(iterations=1)
-    _, first = datafree.synthesize_batch(teacher, labels, (1, 28, 28), conf, torch.Generator().manual_seed(0))
+    _, first = datafree.synthesize_batch(teacher, labels, (1, 28, 28), NORMALISATION, conf,
+                                               torch.Generator().manual_seed(0))
     conf = datafree.DataFreeConfig(iterations=25)
-    images, last = datafree.synthesize_batch(teacher, labels, (1, 28, 28), conf, torch.Generator().manual_seed(0))
+    images, last = datafree.synthesize_batch(teacher, labels, (1, 28, 28), NORMALISATION, conf,
+                                               torch.Generator().manual_seed(0))
     assert images.dtype == torch.uint8 and images.shape == (10, 1, 28, 28)
     assert last["ce"] < first["ce"] and last["bn"] < first["bn"]
     assert last["teacher_top1_on_targets"] >= 0.8
@@ -84,7 +89,7 @@ def test_synthesis_moves_images_towards_targets_and_bn_statistics(teacher):
 
 def test_synthesis_resumes_from_cached_batches_with_the_same_images(teacher, tmp_path):
     conf = datafree.DataFreeConfig(images=25, batch=10, iterations=2)
-    args = (teacher, (1, 28, 28), 10, conf, 7)
+    args = (teacher, (1, 28, 28), 10, NORMALISATION, conf, 7)
     x, y, records = datafree.synthesize(*args, tmp_path / "a", "key", no_bar, lambda _: None)
     assert x.shape == (25, 1, 28, 28) and len(records) == 3
     assert torch.equal(y, torch.arange(25) % 10), "target classes cycle evenly through all classes"
