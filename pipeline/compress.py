@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import datafree, distill, distillers, export, quantize, select, verify
+from . import distill, export, quantize, select, verify
 from .errors import BadInput
 from .modelcheck import check_classifier
 from .runner import RunContext, Stage, is_done, run_stage, write_run_toml
@@ -13,9 +13,7 @@ STAGE_NAMES = ("distill", "quantize", "export", "verify")
 
 
 def stages(ctx: RunContext) -> dict[str, Stage]:
-    # a method that makes its own inputs (data-free) has its own distill stage, which never reads training images
-    distill_stage = datafree.STAGE if distillers.METHODS[ctx.config.distill.method].supplies_inputs else distill.STAGE
-    return {"distill": distill_stage, "quantize": quantize.STAGE, "export": export.stage(ctx), "verify": verify.STAGE}
+    return {"distill": distill.STAGE, "quantize": quantize.STAGE, "export": export.stage(ctx), "verify": verify.STAGE}
 
 
 def check_inputs(ctx: RunContext) -> None:

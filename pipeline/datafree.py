@@ -55,18 +55,18 @@ class DataFreeConfig:
     and iterations, with a higher learning rate decayed by a cosine so that the short optimisation converges, and
     a BN weight of 1 so that the class term is met within those few iterations."""
 
-    images: int = 2000              # synthetic images, target classes sampled evenly
+    images: int = 1200              # synthetic images, target classes sampled evenly
     batch: int = 100                # images optimised together: BN statistics are matched over a batch (paper 256)
-    iterations: int = 40            # Adam steps per batch (paper 2000)
-    lr: float = 0.1                 # Adam learning rate on [0, 1] pixels, cosine-decayed (paper 0.05)
+    iterations: int = 30            # Adam steps per batch (paper 2000)
+    lr: float = 0.05                # Adam learning rate on [0, 1] pixels, cosine-decayed (paper 0.05)
     bn_weight: float = 1.0          # weight of the BN statistics term (paper's CIFAR-10 setting 10)
-    first_bn_multiplier: float = 1.0  # extra weight on the first BN layer (the paper's ImageNet code uses 10)
-    tv_weight: float = 1e-3         # squared total variation prior (the DeepInversion repo's tuned CIFAR setting)
-    l2_weight: float = 0.0          # mean squared pixel prior (paper's CIFAR-10 setting: 0)
-    jitter: int = 2                 # random shift in pixels each step (paper: 2 px on 32x32)
-    init: str = "noise"             # noise: N(mean, std) of the teacher's input; blob: a centred ellipse on black
-    resolution: int = 0             # optimise a resolution x resolution grid, upsampled bilinearly; 0: every pixel
+    first_bn_multiplier: float = 10.0  # extra weight on the first BN layer (the paper's ImageNet code uses 10)
+    tv_weight: float = 3.0          # squared total variation prior (on mean squared differences, see total_variation)
+    l2_weight: float = 3.0          # mean squared pixel prior: pulls what the teacher does not need to black
+    jitter: int = 0                 # random shift (wrapping) in pixels each step (paper: 2 px on 32x32)
     flip: bool = True               # random horizontal flip each step
+    init: str = "blob"              # blob: a centred ellipse on black; noise: N(mean, std) of the teacher's input
+    resolution: int = 0             # optimise a resolution x resolution grid, upsampled bilinearly; 0: every pixel
     shift: int = 2                  # student training: random per-image shift in pixels (zero padding)
     mixup: bool = True              # student training: mix random pairs of synthetic images
 
@@ -76,6 +76,8 @@ class DataFreeConfig:
                 raise BadInput(f"datafree option {name} must be > 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise BadInput(f"datafree option lr must be > 0, got {self.lr}")
+        if self.init not in ("blob", "noise"):
+            raise BadInput(f"datafree option init must be blob or noise, got {self.init!r}")
         for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "jitter", "resolution", "shift"):
             if getattr(self, name) < 0:
                 raise BadInput(f"datafree option {name} must be >= 0, got {getattr(self, name)}")

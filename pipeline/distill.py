@@ -18,7 +18,7 @@ from edgecompress.models.loaders import build_model, import_callable, load_teach
 
 from . import config as cfg
 from . import data as datasets
-from . import distillers, files
+from . import datafree, distillers, files
 from .distillers import FeatureTap, Setup
 from .errors import BadInput, StageFailed
 from .modelcheck import check_classifier
@@ -100,6 +100,8 @@ def method_options(conf: cfg.DistillConfig) -> dict:
 
 
 def inputs(ctx: RunContext) -> dict:
+    if distillers.METHODS[ctx.config.distill.method].supplies_inputs:
+        return datafree.inputs(ctx)
     deps = {"distill": ctx.config.distill.__dict__, "seed": ctx.config.seed, "data": ctx.data.sha256_16,
             **ctx.teacher_inputs}
     for i, (spec, weights) in enumerate(teacher_specs(ctx)[1:], 1):
@@ -322,6 +324,8 @@ def pair_transform(distiller: distillers.Distiller) -> Callable | None:
 def run(ctx: RunContext) -> Path:
     conf, ds, seed = ctx.config.distill, ctx.data, ctx.config.seed
     cls = distillers.METHODS[conf.method]
+    if cls.supplies_inputs:  # data-free: synthesises its own inputs and never reads the training split
+        return datafree.run(ctx)
     dist = Distributed.from_env()
     device, autocast = device_and_precision(conf.precision, dist.local_rank)
     dist.start(device)

@@ -14,8 +14,8 @@ optimised modules only when asked:
 - `many_teachers`: accepts several teachers (their logits stacked as (K, B, C)); every other method refuses more
   than one.
 - `needs_index`: the dataset index of each sample (CRD's memory bank).
-- `supplies_inputs`: the method makes its own training inputs (data-free distillation): the trainer then asks
-  `distiller.input_source(...)` for batches and never reads the training images or labels.
+- `supplies_inputs`: the method makes its own training inputs (data-free distillation): the pipeline then runs
+  its own distill stage (datafree.STAGE), which never reads the training images or labels.
 
 Trainable parts beyond the student (regressors, projection heads, discriminators, auxiliary heads, peer students)
 are submodules of the distiller, so `distiller.parameters()` hands them to the one optimizer; `distiller.student`

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress import compress, data as datasets, datafree, distillers
+from edgecompress import compress, data as datasets, datafree, distill, distillers
 from edgecompress.cli import main
 from edgecompress.config import RunConfig
 from edgecompress.errors import BadInput
@@ -78,7 +78,7 @@ def test_synthesis_moves_images_towards_targets_and_bn_statistics(teacher):
     conf = datafree.DataFreeConfig(iterations=1)
     _, first = datafree.synthesize_batch(teacher, labels, (1, 28, 28), NORMALISATION, conf,
                                                torch.Generator().manual_seed(0))
-    conf = datafree.DataFreeConfig(iterations=25)
+    conf = datafree.DataFreeConfig(iterations=15)
     images, last = datafree.synthesize_batch(teacher, labels, (1, 28, 28), NORMALISATION, conf,
                                                torch.Generator().manual_seed(0))
     assert images.dtype == torch.uint8 and images.shape == (10, 1, 28, 28)
@@ -105,6 +105,12 @@ def test_synthesis_resumes_from_cached_batches_with_the_same_images(teacher, tmp
     torch.save({**stale, "key": "other", "images": torch.zeros_like(stale["images"])}, tmp_path / "b" / "batch_0001.pt")
     x3, _, _ = datafree.synthesize(*args, tmp_path / "b", "key", no_bar, lambda _: None)
     assert torch.equal(x, x3)
+
+
+def test_centred_blobs_start_dark_at_the_border_and_bright_in_the_middle():
+    x = datafree.centred_blobs(32, (1, 28, 28), torch.Generator().manual_seed(0))
+    assert x.shape == (32, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
+    assert x[:, :, 12:16, 12:16].mean() > 0.3 > 0.05 > x[:, :, :2, :].mean()
 
 
 def test_augment_keeps_shape_and_range():
@@ -158,7 +164,7 @@ def context(tmp_path, method: str, eval_only: EvalOnly, monkeypatch) -> RunConte
 def test_data_free_distill_stage_never_reads_a_training_image_or_label(tmp_path, eval_only, monkeypatch):
     ctx = context(tmp_path, "datafree", eval_only, monkeypatch)
     compress.check_inputs(ctx)  # the pipeline's up-front checks: teacher, student, data fit together
-    artifact = run_stage(ctx, compress.stages(ctx)["distill"])
+    artifact = run_stage(ctx, distill.STAGE)
     saved = torch.load(artifact, weights_only=True)
     assert saved["spec"]["classes"] == datasets.FASHION_MNIST_CLASSES
     assert saved["spec"]["mean"] == pytest.approx([0.2857704], rel=1e-5), "normalisation from the teacher checkpoint"
@@ -168,7 +174,7 @@ def test_data_free_distill_stage_never_reads_a_training_image_or_label(tmp_path,
     assert (ctx.out / "distill" / "synthetic.png").is_file()
     # the rerun is skipped by fingerprint, which does not hash the training data either
     rerun = context(tmp_path, "datafree", eval_only, monkeypatch)
-    assert run_stage(rerun, compress.stages(rerun)["distill"]) == artifact
+    assert run_stage(rerun, distill.STAGE) == artifact
     assert rerun.timings == {}
 
 
@@ -176,7 +182,7 @@ def test_the_guard_catches_a_method_that_reads_the_training_split(tmp_path, eval
     """The same guarded data set stops ordinary distillation: the test above could fail."""
     ctx = context(tmp_path, "hinton", eval_only, monkeypatch)
     with pytest.raises(TrainingSplitRead):
-        run_stage(ctx, compress.stages(ctx)["distill"])
+        run_stage(ctx, distill.STAGE)
 
 
 def test_teacher_without_recorded_normalisation_is_refused_in_one_line(tmp_path, capsys, small_npz):
