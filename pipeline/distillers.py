@@ -683,4 +683,6 @@ def build(method: str, student: nn.Module, setup: Setup | None = None, **given) 
     hp = resolve_options(method, given)
     hp = {k: v for k, v in hp.items() if k not in LAYER_OPTIONS}
     return METHODS[method](student, setup or Setup(num_classes=0), **hp)
+
+
 from . import datafree  # noqa: E402,F401  (registers the data-free method, which lives in its own module)
