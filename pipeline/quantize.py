@@ -1,9 +1,14 @@
 """Quantize stage: fp32 ONNX of the student, then ONNX Runtime static int8 QDQ with real calibration images."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -12,11 +17,11 @@ import torch
 from edgecompress.models.loaders import build_model
 
 from . import data as datasets
-from . import files, schemes
+from . import distill, files, schemes, sensitivity
 from .errors import BadInput, StageFailed
 from .qdq_check import check_tensorrt_qdq
 from .runner import RunContext, Stage
-from .runners import OrtRunner, predict
+from .runners import OrtRunner, TorchRunner, predict
 
 
 def load_student(path: Path, student_spec: str) -> tuple[torch.nn.Module, dict]:
@@ -50,6 +55,8 @@ class CalibrationReader:
     """Feeds ORT's calibrator batches of real training images (onnxruntime.quantization.CalibrationDataReader)."""
 
     def __init__(self, images: torch.Tensor, batch: int = 64, on_batch=None):
+        # equal batches: ORT's histogram calibrators (Entropy, Percentile) stack every batch of a tensor
+        batch = max(d for d in range(1, batch + 1) if len(images) % d == 0) if len(images) else batch
         self.batches = [datasets.to_float(images[i:i + batch]).numpy() for i in range(0, len(images), batch)]
         self.position = 0
         self.on_batch = on_batch
@@ -82,6 +89,26 @@ def quantizable_nodes(model_path: Path) -> list[str]:
     return [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type in WEIGHTED_OPS]
 
 
+def float_groups(model_path: Path, scheme: schemes.Scheme) -> dict[str, list[str]]:
+    """For each weighted node, the nodes to exclude so that it runs in float on a float input: itself, the Relu /
+    Clip chain feeding it (ONNX Runtime quantizes their outputs), and the weighted node behind that chain when
+    the scheme quantizes weighted nodes' outputs (x86: Conv -> Q/DQ -> Conv, the Relu folded away)."""
+    graph = onnx.load(str(model_path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    groups = {}
+    for node in graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        group, feeding = [node.name], producer.get(node.input[0])
+        while feeding is not None and feeding.op_type in ("Relu", "Clip"):
+            group.append(feeding.name)
+            feeding = producer.get(feeding.input[0])
+        if feeding is not None and feeding.op_type in WEIGHTED_OPS and feeding.op_type not in scheme.float_outputs:
+            group.append(feeding.name)
+        groups[node.name] = group
+    return groups
+
+
 def check_calibration(calibration: torch.Tensor, model_path: Path) -> None:
     """The calibration images must exist and have the shape the model's input takes."""
     if len(calibration) == 0:
@@ -99,35 +126,51 @@ def calibration_options(method: str) -> dict:
     return {"CalibPercentile": 99.999} if method == "percentile" else {}
 
 
+class Quantizer:
+    """One fp32 model prepared for ONNX Runtime once (quant_pre_process) and calibrated once per method; each
+    `quantize` after that reuses the ranges (ORT's calibration_cache_path), so the fallback's tries cost one
+    quantization each, not one calibration each. Files live in `workdir`, which the caller owns."""
+
+    def __init__(self, fp32_path: Path, workdir: Path, calibration: torch.Tensor, scheme: schemes.Scheme,
+                 on_batch=None):
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        check_calibration(calibration, fp32_path)
+        if not quantizable_nodes(fp32_path):
+            raise BadInput(f"{fp32_path.name} has no quantizable nodes (Conv, Gemm or MatMul): int8 cannot speed it "
+                           "up; use a target with precision = \"fp32\" or \"fp16\"")
+        self.workdir, self.calibration, self.scheme, self.on_batch = workdir, calibration, scheme, on_batch
+        self.prepared = workdir / "prepared.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32_path), str(self.prepared), skip_symbolic_shape=True)
+        self.candidates = float_groups(self.prepared, scheme)
+
+    def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = ()) -> None:
+        """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        cache = self.workdir / f"ranges-{method}.json"
+        reader = None if cache.is_file() else CalibrationReader(self.calibration, on_batch=self.on_batch)
+        scheme = self.scheme
+        with files.atomic_path(out_path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(self.prepared), str(tmp), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=scheme.per_channel, activation_type=types[scheme.activation_type],
+                            weight_type=types[scheme.weight_type], calibrate_method=methods[method],
+                            nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
+                            extra_options=scheme.extra_options() | calibration_options(method))
+            onnx.checker.check_model(str(tmp))
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, calibration: torch.Tensor, method: str, scheme: schemes.Scheme,
-                 exclude: list[str] | None = None, cache: Path | None = None, on_batch=None) -> None:
-    """Static int8 QDQ with ONNX Runtime's quantize_static under `scheme`, keeping the `exclude` nodes in float.
-
-    `cache`: a calibration-ranges file (ORT's calibration_cache_path): calibration runs once and every later call
-    with the same cache reuses its ranges, so the fallback's tries cost a quantization each, not a calibration.
-    """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    check_calibration(calibration, fp32_path)
-    if not quantizable_nodes(fp32_path):
-        raise BadInput(f"{fp32_path.name} has no quantizable nodes (Conv, Gemm or MatMul): int8 cannot speed it up; "
-                       "use a target with precision = \"fp32\" or \"fp16\"")
-    reader = CalibrationReader(calibration, on_batch=on_batch)
-    with files.atomic_path(out_path.with_suffix(".pre.onnx")) as pre, files.atomic_path(out_path) as tmp, \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=scheme.per_channel,
-                        activation_type=types[scheme.activation_type], weight_type=types[scheme.weight_type],
-                        calibrate_method=methods[method], nodes_to_exclude=list(exclude or []),
-                        extra_options=scheme.extra_options() | calibration_options(method),
-                        calibration_cache_path=str(cache) if cache else None)
-        onnx.checker.check_model(str(tmp))
-    out_path.with_suffix(".pre.onnx").unlink(missing_ok=True)
+                 exclude: list[str] | None = None, on_batch=None) -> None:
+    """One static int8 QDQ quantization of `fp32_path` (see Quantizer), leaving no temporary files."""
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as work:
+        Quantizer(fp32_path, Path(work), calibration, scheme, on_batch).quantize(out_path, method, exclude or [])
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> None:
@@ -166,7 +209,79 @@ def top1(logits: np.ndarray, labels: torch.Tensor) -> float:
 def inputs(ctx: RunContext) -> dict:
     return {"quantize": ctx.config.quantize.__dict__, "seed": ctx.config.seed, "data": ctx.data.sha256_16,
             "student": ctx.out / "distill" / "student.pt", "opset": ctx.target.opset,
-            "scheme": schemes.for_target(ctx.target).to_dict()}
+            "scheme": schemes.for_target(ctx.target).to_dict(), "budgets": ctx.target.budgets.__dict__,
+            "threads": ctx.target.threads, **ctx.teacher_inputs}
+
+
+@dataclass
+class Budget:
+    """When an int8 model is good enough: within `max_drop_vs_fp32` points of the fp32 student and, where the
+    fp32 student itself is within the target's budget of the teacher, within that budget too.
+
+    A drop counts against the fp32 student only when it is also beyond noise: the images the int8 model gets
+    wrong and fp32 right (b) outnumber the reverse (c) by more than 1.96 sqrt(b + c), the two-sided 95% sign
+    (McNemar) test; on a small eval split a few flipped images do not start the fallback."""
+
+    fp32_correct: np.ndarray
+    teacher_top1: float
+    max_drop_vs_fp32: float
+    max_drop_vs_teacher: float
+
+    @property
+    def fp32_top1(self) -> float:
+        return float(self.fp32_correct.mean())
+
+    @property
+    def teacher_reachable(self) -> bool:
+        return (self.teacher_top1 - self.fp32_top1) * 100 <= self.max_drop_vs_teacher
+
+    def misses(self, correct: np.ndarray) -> list[str]:
+        failed = []
+        top1 = float(correct.mean())
+        drop = (self.fp32_top1 - top1) * 100
+        lost, gained = int((self.fp32_correct & ~correct).sum()), int((~self.fp32_correct & correct).sum())
+        if drop > self.max_drop_vs_fp32 + 1e-9 and lost - gained > 1.96 * np.sqrt(lost + gained):
+            failed.append(f"{drop:.2f} pt below the fp32 student > quantize.max_drop_vs_fp32 {self.max_drop_vs_fp32}")
+        drop = (self.teacher_top1 - top1) * 100
+        if self.teacher_reachable and drop > self.max_drop_vs_teacher + 1e-9:
+            failed.append(f"{drop:.2f} pt below the teacher > max_accuracy_drop {self.max_drop_vs_teacher}")
+        return failed
+
+
+class Search:
+    """The tries of one quantize run, each judged and recorded (calibration.json's "tries")."""
+
+    def __init__(self, judge: sensitivity.Judge, budget: Budget, workdir: Path, log):
+        self.judge, self.budget, self.workdir, self.log = judge, budget, workdir, log
+        self.tries: list[dict] = []
+        self.ranking: list[dict] = []
+        self.qat_note = "not needed"
+        self.fp32_latency = judge.latency(judge.fp32_path)
+
+    def judge_try(self, path: Path, kind: str, method: str, excluded: list[str], **extra) -> dict:
+        correct = self.judge.correct(path)
+        top = float(correct.mean())
+        entry = {"try": len(self.tries), "kind": kind, "calibration": method, "excluded_nodes": list(excluded),
+                 "eval_top1": top, "drop_vs_fp32_pt": round((self.budget.fp32_top1 - top) * 100, 3),
+                 "drop_vs_teacher_pt": round((self.budget.teacher_top1 - top) * 100, 3),
+                 "probe_sqnr_db": round(self.judge.probe_sqnr(path), 3),
+                 "latency_bs1_ms": round(self.judge.latency(path), 4), **extra,
+                 "missed": self.budget.misses(correct), "path": path}
+        self.tries.append(entry)
+        self.log(f"[quantize] try {entry['try']} ({kind}, {method}, {len(excluded)} float nodes): top-1 {top:.4f}, "
+                 f"{entry['drop_vs_fp32_pt']:+.2f} pt vs fp32, {entry['latency_bs1_ms']:.3f} ms"
+                 f"{'' if entry['missed'] else ', meets the budget'}")
+        return entry
+
+    def gave_back_half_the_speed(self, entry: dict) -> bool:
+        """The float nodes cost more than half of what int8 gained over fp32 (vs the first int8 try)."""
+        fastest = self.tries[0]["latency_bs1_ms"]
+        return entry["latency_bs1_ms"] - fastest > (self.fp32_latency - fastest) / 2 > 0
+
+    def chosen(self) -> dict:
+        """The first try that meets the budget, else the most accurate (the fastest among equals)."""
+        meeting = [t for t in self.tries if not t["missed"]]
+        return meeting[0] if meeting else max(self.tries, key=lambda t: (t["eval_top1"], -t["latency_bs1_ms"]))
 
 
 def run(ctx: RunContext) -> Path:
@@ -176,42 +291,146 @@ def run(ctx: RunContext) -> Path:
     model, spec = load_student(ctx.out / "distill" / "student.pt", ctx.config.distill.student)
     fp32_path, artifact = out_dir / ARTIFACT_NAMES["fp32"], out_dir / ARTIFACT_NAMES[scheme.precision]
     export_onnx(model, spec, target.opset, fp32_path)
-    fp32_top1 = top1(predict(OrtRunner(fp32_path, 2, "onnxruntime-fp32"), ds.x_eval, 1000), ds.y_eval)
-    record = {"scheme": scheme.to_dict(), "fp32_eval_top1": fp32_top1, "seed": ctx.config.seed}
     if scheme.precision != "int8":
+        fp32_top1 = top1(predict(OrtRunner(fp32_path, 2, "onnxruntime-fp32"), ds.x_eval, 1000), ds.y_eval)
         if scheme.precision == "fp16":
             convert_fp16(fp32_path, artifact)
         top = top1(predict(OrtRunner(artifact, 2, f"onnxruntime-{scheme.precision}"), ds.x_eval, 1000), ds.y_eval)
-        files.write_json(out_dir / "calibration.json", record | {"format": scheme.precision, "samples": 0,
-                         "excluded_nodes": [], "tries": [{"excluded_nodes": [], "eval_top1": top,
-                                                          "drop_vs_fp32_pt": round((fp32_top1 - top) * 100, 3)}]})
+        files.write_json(out_dir / "calibration.json", {
+            "scheme": scheme.to_dict(), "format": scheme.precision, "fp32_eval_top1": fp32_top1, "samples": 0,
+            "excluded_nodes": [], "seed": ctx.config.seed,
+            "tries": [{"try": 0, "kind": scheme.precision, "excluded_nodes": [], "eval_top1": top,
+                       "drop_vs_fp32_pt": round((fp32_top1 - top) * 100, 3)}]})
         return artifact
 
-    calib_idx = datasets.stratified_sample(ds.y_train, conf.calibration_size, ctx.config.seed)
-    began = time.perf_counter()
-    ctx.log(f"[quantize] {scheme.name}: calibrating on {len(calib_idx)} training images ({conf.calibration_method})")
-    with ctx.progress(None, "calibration", length=-(-len(calib_idx) // 64)) as bar:
-        quantize_qdq(fp32_path, artifact, ds.x_train[calib_idx], conf.calibration_method, scheme,
-                     on_batch=lambda: bar.update(1))
-    seconds = time.perf_counter() - began
-    if target.runtime == "tensorrt":
-        violations = check_tensorrt_qdq(artifact)
-        if violations:
-            raise StageFailed(f"the int8 model breaks TensorRT's Q/DQ rules: {violations[0]}"
-                              f"{f' (and {len(violations) - 1} more)' if len(violations) > 1 else ''}")
-        record["tensorrt_qdq_check"] = "passed"
-
-    int8_top1 = top1(predict(OrtRunner(artifact, 2, "onnxruntime-int8"), ds.x_eval, 1000), ds.y_eval)
+    seed = ctx.config.seed
+    calib_idx = datasets.stratified_sample(ds.y_train, conf.calibration_size, seed)
+    rest = torch.ones(len(ds.y_train), dtype=torch.bool)
+    rest[calib_idx] = False
+    probe_idx = rest.nonzero().flatten()
+    # probe images come from outside the calibration set; a data set with no such images probes on calibration's
+    probe_idx = probe_idx[datasets.stratified_sample(ds.y_train[rest], conf.probe_size, seed)] if len(probe_idx) \
+        else calib_idx
+    cores = os.cpu_count() or 1
+    teacher_top1 = top1(predict(TorchRunner(ctx.teacher[0], cores), ds.x_eval, 500), ds.y_eval)
+    # QAT distils from the (first) teacher's logits, cached by the distill stage
+    qat_inputs = QatInputs(ds.x_train, ds.y_train, lambda: distill.teacher_logits(
+        ctx, 0, ctx.teacher[0], torch.device("cpu"), None, distill.Distributed()),
+        ctx.config.distill.temperature, ctx.config.distill.alpha, seed)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-") as work_dir:
+        work = Path(work_dir)
+        judge = sensitivity.Judge(fp32_path, ds.x_eval, ds.y_eval, ds.x_train[probe_idx], target.threads,
+                                  target.execution_providers)
+        budget = Budget(judge.correct(fp32_path), teacher_top1, conf.max_drop_vs_fp32,
+                        target.budgets.max_accuracy_drop)
+        ctx.log(f"[quantize] {scheme.name}: teacher {teacher_top1:.4f}, fp32 student {budget.fp32_top1:.4f} top-1; "
+                f"calibrating on {len(calib_idx)} training images")
+        search = search_int8(model, spec, fp32_path, scheme, conf, ds.x_train[calib_idx], judge, budget, target.opset,
+                             qat_inputs, work, ctx.log, ctx.progress)
+        final = search.chosen()
+        with files.atomic_path(artifact) as tmp:
+            shutil.copyfile(final["path"], tmp)
+        if target.runtime == "tensorrt":
+            violations = check_tensorrt_qdq(artifact)
+            if violations:
+                raise StageFailed(f"the int8 model breaks TensorRT's Q/DQ rules: {violations[0]}"
+                                  f"{f' (and {len(violations) - 1} more)' if len(violations) > 1 else ''}")
+        for entry in search.tries:
+            del entry["path"]
     counts = np.bincount(ds.y_train[calib_idx].numpy(), minlength=ds.num_classes).tolist()
-    files.write_json(out_dir / "calibration.json", record | {
-        "format": "QDQ", "method": conf.calibration_method, "samples": len(calib_idx),
-        "samples_per_class": dict(zip(ds.classes, counts)),
+    files.write_json(out_dir / "calibration.json", {
+        "scheme": scheme.to_dict(), "format": "QDQ", "method": final["calibration"], "samples": len(calib_idx),
+        "samples_per_class": dict(zip(ds.classes, counts)), "seed": seed,
         "activations": scheme.activation_type, "weights": scheme.weight_type, "per_channel": scheme.per_channel,
-        "excluded_nodes": [],
-        "tries": [{"excluded_nodes": [], "eval_top1": int8_top1, "drop_vs_fp32_pt": round((fp32_top1 - int8_top1) * 100, 3),
-                   "seconds": round(seconds, 2)}]})
-    ctx.log(f"[quantize] eval top-1: fp32 {fp32_top1:.4f}, int8 {int8_top1:.4f}")
+        "tensorrt_qdq_check": "passed" if target.runtime == "tensorrt" else "not applicable",
+        "teacher_eval_top1": teacher_top1, "fp32_eval_top1": budget.fp32_top1,
+        "fp32_latency_bs1_ms": round(search.fp32_latency, 4),
+        "budget": {"max_drop_vs_fp32_pt": conf.max_drop_vs_fp32, "max_drop_vs_teacher_pt": budget.max_drop_vs_teacher,
+                   "teacher_reachable": budget.teacher_reachable, "met": not final["missed"]},
+        "probe_images": len(probe_idx), "eval_images": len(ds.y_eval),
+        "sensitivity": search.ranking, "qat": search.qat_note, "chosen_try": final["try"],
+        "excluded_nodes": final["excluded_nodes"], "tries": search.tries})
+    ctx.log(f"[quantize] chose try {final['try']} ({final['kind']}): top-1 {final['eval_top1']:.4f} "
+            f"({final['drop_vs_fp32_pt']:+.2f} pt vs fp32), {len(final['excluded_nodes'])} nodes in float"
+            f"{'' if not final['missed'] else '; budget missed: ' + final['missed'][0]}")
     return artifact
+
+
+@dataclass
+class QatInputs:
+    """What quantization-aware training needs beyond the model: training data and the teacher's logits on it
+    (a callable: computed only if QAT runs)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    teacher_logits: Callable[[], torch.Tensor]
+    temperature: float
+    alpha: float
+    seed: int
+
+
+def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: schemes.Scheme, conf, calibration:
+                torch.Tensor, judge: sensitivity.Judge, budget: Budget, opset: int, qat_inputs: QatInputs | None,
+                work: Path, log, progress) -> Search:
+    """PTQ with each calibration method asked for, then (while the budget is missed) the sensitivity fallback,
+    then QAT; every try judged and kept in the returned Search (its models under `work`)."""
+    search = Search(judge, budget, work, log)
+    with progress(None, "calibration", length=-(-len(calibration) // 64)) as bar:
+        quantizer = Quantizer(fp32_path, work, calibration, scheme, on_batch=lambda: bar.update(1))
+        methods = CALIBRATION_METHODS if conf.calibration_method == "auto" else (conf.calibration_method,)
+        for method in methods:
+            quantizer.quantize(work / f"ptq-{method}.onnx", method)
+    for method in methods:
+        search.judge_try(work / f"ptq-{method}.onnx", "ptq", method, [])
+    # with "auto", the calibration whose logits come closest to fp32 on the probe images wins
+    method = max(search.tries, key=lambda t: t["probe_sqnr_db"])["calibration"]
+    best = search.chosen()
+    if best["missed"] and conf.fallback and conf.max_float_nodes:
+        log(f"[quantize] {best['missed'][0]}: ranking {len(quantizer.candidates)} nodes by sensitivity")
+        with progress(None, "sensitivity", length=len(quantizer.candidates)) as bar:
+            search.ranking = sensitivity.rank_nodes(lambda path, ex: quantizer.quantize(path, method, ex),
+                                                    quantizer.candidates, judge, work, on_each=lambda: bar.update(1))
+        for count in range(1, min(conf.max_float_nodes, len(search.ranking)) + 1):
+            excluded = [name for r in search.ranking[:count] for name in r["excluded"]]
+            path = work / f"fallback-{count}.onnx"
+            quantizer.quantize(path, method, excluded)
+            entry = search.judge_try(path, "fallback", method, excluded)
+            if not entry["missed"] or search.gave_back_half_the_speed(entry):
+                break
+    if search.chosen()["missed"] and conf.qat_epochs and qat_inputs is not None:
+        search_qat(model, spec, scheme, method, conf, calibration, qat_inputs, opset, search, work, progress)
+    return search
+
+
+def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, method: str, conf, calibration:
+               torch.Tensor, inputs: QatInputs, opset: int, search: Search, work: Path, progress) -> None:
+    """Quantization-aware fine-tuning with the teacher's KD loss, then the same QDQ quantization of the result,
+    judged as one more try; a student QAT cannot handle (see qat.prepare) is noted, not tried."""
+    from . import qat
+
+    images = min(conf.qat_images, len(inputs.y_train))
+    search.log(f"[quantize] PTQ and fallback missed the budget: quantization-aware training, {conf.qat_epochs} "
+               f"epoch(s) of {images} images")
+    began = time.perf_counter()
+    steps = conf.qat_epochs * qat.steps_per_epoch(conf.qat_images, len(inputs.y_train))
+    try:
+        with progress(None, "QAT", length=steps) as bar:
+            tuned = qat.finetune(model, inputs.x_train, inputs.y_train, inputs.teacher_logits(), calibration,
+                                 signed_activations=scheme.activation_symmetric, epochs=conf.qat_epochs,
+                                 images=conf.qat_images, lr=conf.qat_lr, temperature=inputs.temperature,
+                                 alpha=inputs.alpha, seed=inputs.seed, on_step=lambda: bar.update(1))
+    except qat.Unsupported as exc:
+        search.qat_note = f"skipped: {exc}"
+        search.log(f"[quantize] QAT {search.qat_note}")
+        return
+    seconds = time.perf_counter() - began
+    tuned_path = work / "qat.fp32.onnx"
+    export_onnx(tuned, spec, opset, tuned_path)
+    (work / "qat").mkdir()
+    Quantizer(tuned_path, work / "qat", calibration, scheme).quantize(work / "qat.int8.onnx", method)
+    search.judge_try(work / "qat.int8.onnx", "qat", method, [], qat_seconds=round(seconds, 1),
+                     qat_epochs=conf.qat_epochs, qat_images=images, qat_lr=conf.qat_lr)
+    search.qat_note = "ran"
 
 
 STAGE = Stage("quantize", run, inputs)

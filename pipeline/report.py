@@ -92,6 +92,14 @@ def markdown(r: dict) -> str:
         lines.append(f"\n{selection['rule']}")
     if r["unverified"]:
         lines += ["", "Not verified on this host:"] + [f"- {u}" for u in r["unverified"]]
+    q = r.get("quantization")
+    if q:
+        lines += ["", f"## Quantization tries ({q['scheme']}; try {q['chosen_try']} shipped)", "",
+                  "| try | kind | calibration | nodes kept in float | eval top-1 | vs fp32 (pt) | bs1 ms (quick) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['try']} | {t['kind']} | {t.get('calibration', '-')} | "
+                  f"{', '.join(t['excluded_nodes']) or '-'} | {_pct(t['eval_top1'])} | "
+                  f"{t['drop_vs_fp32_pt']:+.2f} | {t['latency_bs1_ms']:.3f} |" for t in q["tries"] if "latency_bs1_ms" in t]
 
     lines += ["", "## Per-class top-1", "", "| class | eval images | teacher | student fp32 | artifact |",
               "|---|---|---|---|---|"]

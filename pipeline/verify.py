@@ -294,6 +294,15 @@ def run(ctx: RunContext) -> Path:
         record = json.loads(selection.read_text())
         if record.get("chosen") == ctx.config.distill.student:
             result["student_selection"] = {k: v for k, v in record.items() if k != "key"}
+    calibration = ctx.out / "quantize" / "calibration.json"
+    if calibration.is_file():  # the quantize stage's tries: which nodes stayed float, and what each try measured
+        record = json.loads(calibration.read_text())
+        keys = ("try", "kind", "calibration", "excluded_nodes", "eval_top1", "drop_vs_fp32_pt", "latency_bs1_ms")
+        result["quantization"] = {
+            "scheme": record["scheme"]["name"], "method": record.get("method"), "budget": record.get("budget"),
+            "excluded_nodes": record["excluded_nodes"], "chosen_try": record.get("chosen_try", 0),
+            "qat": record.get("qat", "not needed"),
+            "tries": [{k: t[k] for k in keys if k in t} for t in record["tries"]]}
     files.write_json(out_dir / "report.json", result)
     files.write_json(out_dir / "latency.json", {"unit": "ms per batch, in the order timed", "timings": timings,
                                                 "runs_per_session": session_runs})
