@@ -185,6 +185,8 @@ def markdown(r: dict) -> str:
     for key in ("fp32", "uint8", "int8"):
         lines.append(f"| {key} | {lat[key]['bs1']:.3f} | {lat[key]['bs64']:.3f} |")
     lines += ["", f"Wall time: {r['seconds']:.0f} s. Command: {r.get('command', '')}"]
+    if r.get("note"):
+        lines += ["", f"Note: {r['note']}"]
     return "\n".join(lines) + "\n"
 
 
