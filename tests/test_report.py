@@ -172,3 +172,15 @@ def test_markdown_names_the_int8_kernels_and_the_measured_student_candidates(wri
     text = reports.markdown(report)
     assert "| resnet_slim_100 (chosen) | 77,754 | 0.107 | yes |" in text
     assert "| resnet_slim_150 | 173,842 | 0.249 | no |" in text and "the largest that fits" in text
+
+
+def test_report_carries_the_quantize_stage_tries(written, small_run):
+    report = written[0]
+    calibration = json.loads((small_run / "quantize" / "calibration.json").read_text())
+    q = report["quantization"]
+    assert q["scheme"] == calibration["scheme"]["name"] == "onnxruntime-x86-qdq"
+    assert len(q["tries"]) == len(calibration["tries"]) >= 1 and q["excluded_nodes"] == calibration["excluded_nodes"]
+    assert all({"kind", "eval_top1", "excluded_nodes", "latency_bs1_ms"} <= set(t) for t in q["tries"])
+    text = reports.markdown(report)
+    assert "## Quantization tries (onnxruntime-x86-qdq" in text
+    assert f"| 0 | ptq | {calibration['tries'][0]['calibration']} |" in text
