@@ -195,3 +195,31 @@ def test_onnx_teacher_is_refused_for_feature_methods(tmp_path):
     config.teacher.spec, config.distill.method, config.distill.student = str(onnx_path), "at", "resnet_slim_050"
     with pytest.raises(BadInput, match="needs the teacher's intermediate features.*onnx teacher"):
         distill.run(RunContext(tmp_path / "run", config, quiet=True))
+
+
+def test_methods_command_lists_every_method_with_its_options(capsys):
+    from edgecompress.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in distillers.METHODS.items():
+        line = next(line for line in out.splitlines() if line.split()[0] == name)
+        assert cls.family in line and cls.paper in line
+    assert "temperature=4 alpha=0.9" in out and "beta=8" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "hintn"], "unknown distillation method 'hintn' (did you mean 'hinton'?)"),
+    (["--method-opt", "temperature"], "--method-opt 'temperature' is not key=value"),
+    (["--method-opt", "temprature=2"], "method hinton has no option 'temprature' (did you mean 'temperature'?)"),
+    (["--method", "dkd", "--method-opt", "beta=lots"], "--method-opt beta for dkd must be float, got 'lots'"),
+    (["--teacher", "resnet18_half", "--teacher", "resnet18", "--teacher-weights", "a.pt"],
+     "2 --teacher but 1 --teacher-weights"),
+])
+def test_bad_method_flags_exit_2_with_one_line(args, needle, tmp_path, capsys):
+    from edgecompress.cli import main
+
+    assert main(["compress", *args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert not (tmp_path / "run").exists()
