@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(distillers.METHODS))
     parser.add_argument("--batch", type=int, default=cfg.DistillConfig().batch)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--redo", nargs="+", default=[], metavar="METHOD",
+                        help="rerun only these methods' runs, keeping the rest of benchmarks/results/kd_methods.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -136,12 +138,17 @@ def main(argv: list[str] | None = None) -> int:
                "per_class": args.per_class, "train_images": len(subset), "subset_seed": args.subset_seed,
                "seeds": args.seeds, "test_images": len(fashion.y_eval), "batch": args.batch,
                "lr": cfg.DistillConfig().lr, "threads": args.threads}
-    partial_path = RESULTS / "kd_methods.partial.json"
-    runs = []
+    partial_path, runs, earlier_minutes = RESULTS / "kd_methods.partial.json", [], 0.0
     if partial_path.is_file():
         saved = json.loads(partial_path.read_text())
         if saved["setting"] == setting:
             runs = saved["runs"]
+    elif args.redo:  # keep the finished result's other runs, rerun these methods' runs
+        saved = json.loads((RESULTS / "kd_methods.json").read_text())
+        if {k: saved["setting"].get(k) for k in setting} != setting:
+            parser.error("--redo needs benchmarks/results/kd_methods.json made with the same settings")
+        runs = [r for r in saved["runs"] if r["method"] not in args.redo]
+        earlier_minutes = saved["setting"]["wall_minutes"]
     resumed = len(runs)
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))
     try:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     host = cfg.host()
     setting |= {"teacher_top1": teacher_top1, "precision": "bf16 autocast" if cfg.cpu_has_bf16() else "fp32",
                 "host": host["cpu"], "cores": host.get("cores"), "date": time.strftime("%Y-%m-%d"),
-                "wall_minutes": (time.perf_counter() - began) / 60, "versions": cfg.versions()}
+                "wall_minutes": earlier_minutes + (time.perf_counter() - began) / 60, "versions": cfg.versions()}
     notes = ["`multi-teacher` runs here with the one default teacher, where both combinations reduce to Hinton KD "
              "against that teacher; two teachers of different architectures are exercised in "
              "tests/test_distill.py.",
@@ -178,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
              "the teacher the full image; it is scored on full test images.",
              "`dml` and `self-distill` use no teacher; `dml` trains one peer beside the student and reports the student."]
     if resumed:
-        notes.append(f"{resumed} runs came from an earlier invocation (resumed): the wall time covers only the last one")
+        notes.append(f"{resumed} of the {len(runs)} runs come from an earlier invocation"
+                     f"{' (rerun here: ' + ', '.join(args.redo) + ')' if args.redo else ''}; the wall time adds both "
+                     "invocations")
     result = {"setting": setting, "methods": summarise(runs, args.methods), "runs": runs, "notes": notes}
     print(markdown(result))
     files.write_json(RESULTS / "kd_methods.json", result)

@@ -538,7 +538,9 @@ class MultiTeacher(Distiller):
 
 
 class Discriminator(nn.Module):
-    """An MLP scoring (logits, one-hot label) as teacher-made (1) or student-made (0)."""
+    """An MLP scoring (class probabilities, one-hot label) as teacher-made (1) or student-made (0). It sees
+    softmax outputs, not raw logits: bounded inputs keep the student from chasing the teacher's logit scale,
+    which on raw logits collapsed the student to one class in our runs."""
 
     def __init__(self, num_classes: int, hidden: int = 256):
         super().__init__()
@@ -546,7 +548,8 @@ class Discriminator(nn.Module):
                                  nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([logits.float(), F.one_hot(y, logits.shape[1]).float()], 1)).squeeze(1)
+        probs = F.softmax(logits.float(), dim=1)
+        return self.net(torch.cat([probs, F.one_hot(y, logits.shape[1]).float()], 1)).squeeze(1)
 
 
 @register
@@ -554,8 +557,8 @@ class Adversarial(Distiller):
     """Xu, Hsu, Huang, "Training Shallow and Thin Networks for Acceleration via Knowledge Distillation with
     Conditional Adversarial Networks", ICLR 2018 workshop, arXiv:1709.00513.
 
-    A discriminator D, conditioned on the label, learns to tell teacher logits from student logits; the student
-    learns to fool it. Both are updated by the same step: D's parameters are detached in the student's term, and
+    A discriminator D, conditioned on the label, learns to tell the teacher's outputs from the student's; the
+    student learns to fool it. Both are updated by the same step: D's parameters are detached in the student's term, and
     the student's logits are detached in D's term, so each gradient reaches only its own player.
     L_S = CE(z_s, y) + adv * BCE(D(z_s, y), 1);  L_D = BCE(D(z_t, y), 1) + BCE(D(z_s, y), 0); adv = 1.
     """
