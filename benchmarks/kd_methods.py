@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
              "`cross-modal` uses its default view: the student sees a 14x14 downsampled image (shown at 28x28), "
              "the teacher the full image; it is scored on full test images.",
              "`dml` and `self-distill` use no teacher; `dml` trains one peer beside the student and reports the student."]
+    left_out = [m for m in distillers.METHODS if m not in args.methods]
+    if left_out:
+        notes.append(f"not run here: {', '.join(left_out)} (see the README's section on distillation methods for "
+                     "how it was measured)")
     if resumed:
         notes.append(f"{resumed} of the {len(runs)} runs come from an earlier invocation"
                      f"{' (rerun here: ' + ', '.join(args.redo) + ')' if args.redo else ''}; the wall time adds both "
