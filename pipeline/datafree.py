@@ -340,14 +340,7 @@ def train_student(distiller: DataFree, teacher: nn.Module, images: torch.Tensor,
                         target = teacher(x).float()
                     logits, losses = distiller.forward_train(x, None, target)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: lower "
-                                      f"the learning rate (distill.lr = {schedule.lr}); the last good checkpoint "
-                                      f"is {ckpt_path}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                distillers.optimizer_step(loss, opt, sched, epoch, schedule.lr, ckpt_path)
                 total += loss.item() * len(x)
                 agree += (logits.argmax(1) == target.argmax(1)).sum().item()
                 seen += len(x)

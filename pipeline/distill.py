@@ -405,15 +405,7 @@ def run(ctx: RunContext) -> Path:
                     t_logits = t_logits[0]
                 with amp():
                     logits, losses = model(x_student, y, t_logits, t_feats, idx.to(device) if cls.needs_index else None)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: "
-                                      f"lower the learning rate (distill.lr = {conf.lr}); the last good "
-                                      f"checkpoint is {ckpt_path}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                distillers.optimizer_step(sum(losses.values()), opt, sched, epoch, conf.lr, ckpt_path)
                 values = torch.stack([v.detach().float() for v in losses.values()]) * len(y)
                 sums, names = (values if sums is None else sums + values), list(losses)
                 correct += (logits.argmax(1) == y).sum()

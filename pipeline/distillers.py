@@ -26,13 +26,14 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BadInput
+from .errors import BadInput, StageFailed
 
 METHODS: dict[str, type["Distiller"]] = {}
 
@@ -688,4 +689,18 @@ def build(method: str, student: nn.Module, setup: Setup | None = None, **given) 
     return METHODS[method](student, setup or Setup(num_classes=0), **hp)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, epoch: int, lr: float,
+                   checkpoint: Path) -> None:
+    """One step of the distill and data-free trainers; a NaN or Inf loss stops the stage, naming the last good
+    checkpoint and the setting to lower."""
+    if not torch.isfinite(loss):
+        raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: lower the learning "
+                          f"rate (distill.lr = {lr}); the last good checkpoint is {checkpoint}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 from . import datafree  # noqa: E402,F401  (registers the data-free method, which lives in its own module)
+

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 PER_CLASS = 30  # images per class in the small subset: 300 images, 10 classes
@@ -81,3 +82,12 @@ def write_factory(path: Path, num_classes: int, arch: str = "resnet_slim_050") -
 def teacher_spec(inputs_dir) -> str:
     """A fast factory teacher for 10-class, 1-channel data (untrained: these tests never distil)."""
     return write_factory(inputs_dir / "teacher10" / "teacher.py", 10)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small batches run faster on one thread, and far faster on a loaded machine (no spinning OpenMP peers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ def no_bar(items, label, length=None):
     return _NoBar(items)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches run faster on one thread, far faster on a loaded machine (no spinning OpenMP peers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from edgecompress.models.loaders import build_model, load_teacher
 MEAN, STD = [0.286], [0.353]  # Fashion-MNIST's pixel statistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches run faster on one thread, and far faster on a loaded machine (no spinning OpenMP peers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def softmax(z: list[float]) -> list[float]:
