@@ -44,23 +44,10 @@ SECTIONS = ("e2e", "inference", "peaks", "distill")
 STAGES = ("distill", "quantize", "export", "verify")
 
 
-def quiet_bar(length):
-    class Bar:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def update(self, steps):
-            pass
-    return Bar()
-
-
-def p50_ms(make_runner, images: torch.Tensor, batch: int, seconds: float = 1.5) -> float:
+def p50_ms(make_runner, images: torch.Tensor, batch: int, progress, seconds: float = 1.5) -> float:
     """Median ms per batch over 3 fresh sessions, the verify stage's method."""
     sessions = time_runs(make_runner, images, batch, warmup=10, runs=30 if batch > 1 else 300, min_seconds=seconds,
-                         progress=quiet_bar, sessions=3)
+                         progress=progress, sessions=3)
     return float(np.median(np.concatenate(sessions)))
 
 
@@ -158,7 +145,7 @@ def run_inference(run_dir: Path, peaks: dict) -> list[dict]:
         for name, runtime, macs, make in models:
             for threads in (1, 2):
                 for batch in (1, 64):
-                    ms = p50_ms(make(threads), ds.x_eval, batch)
+                    ms = p50_ms(make(threads), ds.x_eval, batch, lambda n: ctx.progress(None, "timing", n))
                     ips = batch * 1e3 / ms
                     gops = 2 * macs * ips / 1e9
                     peak = peaks.get(f"{'u8s8' if 'int8' in runtime else 'fp32'}_{threads}t")
