@@ -22,7 +22,7 @@ from . import data as datasets
 from . import files, quantize
 from .errors import StageFailed
 from .runner import RunContext, Stage
-from .runners import ort_session_options
+from .runners import ort_session_options, ort_settings_record
 
 CHECK_IMAGES = 256  # eval images an exported artifact must reproduce the quantized model's outputs on
 # The offline-optimised graph may differ from its source by float rounding in fused kernels, never in its class.
@@ -90,20 +90,13 @@ def runtime_label(onnx_format: str) -> str:
     return "onnxruntime-" + onnx_format.rsplit("-", 1)[1]
 
 
-def load_session(path: Path, threads: int, providers: list[str], target_name: str):
+def load_session(path: Path, threads: int, providers: list[str], target_name: str, settings=None):
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
+        return ort.InferenceSession(str(path), ort_session_options(threads, settings), providers=providers)
     except Exception as exc:  # ORT reports unsupported ops and providers with many exception types
         raise StageFailed(f"ONNX Runtime cannot load the {target_name} artifact: {str(exc).splitlines()[0]}") from None
-
-
-def session_settings(threads: int, providers: list[str]) -> dict:
-    import onnxruntime as ort
-
-    return {"onnxruntime": ort.__version__, "providers": providers, "intra_op_num_threads": threads,
-            "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL"}
 
 
 def export_onnxruntime(ctx: RunContext, source: Path, out_dir: Path) -> dict:
@@ -124,11 +117,11 @@ def export_onnxruntime(ctx: RunContext, source: Path, out_dir: Path) -> dict:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # as in load_session
             raise StageFailed(f"ONNX Runtime cannot optimise {source.name}: {str(exc).splitlines()[0]}") from None
-    load_session(artifact, target.threads, providers, target.name)
+    load_session(artifact, target.threads, providers, target.name, target.onnxruntime)
     x = check_images(ctx)
     check = compare_outputs(ort_outputs(source, x, providers), ort_outputs(artifact, x, providers),
                             f"the optimised {target.name} graph")
-    settings = session_settings(target.threads, providers)
+    settings = ort_settings_record(target.threads, providers, target.onnxruntime)
     from .verify import onnx_format
 
     return {
@@ -139,7 +132,9 @@ def export_onnxruntime(ctx: RunContext, source: Path, out_dir: Path) -> dict:
         "session_options": settings,
         "python": ("import onnxruntime as ort; o = ort.SessionOptions(); "
                    f"o.intra_op_num_threads = {target.threads}; o.inter_op_num_threads = 1; "
-                   "o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL; "
+                   f"o.graph_optimization_level = ort.GraphOptimizationLevel.{settings['graph_optimization_level']}; "
+                   "o.add_session_config_entry('session.intra_op.allow_spinning', "
+                   f"'{int(settings['allow_spinning'])}'); "
                    f"s = ort.InferenceSession('{artifact.name}', o, providers={list(target.execution_providers)})"),
         "verify_with": {"file": artifact.name, "runtime": runtime_label(onnx_format(artifact)), "providers": providers},
         "unverified": [f"execution provider {p}: not in this onnxruntime build ({ort.__version__}); "

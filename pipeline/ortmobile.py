@@ -17,9 +17,9 @@ from pathlib import Path
 
 from . import files
 from .errors import StageFailed
-from .export import (available_providers, check_images, compare_outputs, io_description, load_session, ort_outputs,
-                     session_settings)
+from .export import available_providers, check_images, compare_outputs, io_description, load_session, ort_outputs
 from .runner import RunContext
+from .runners import ort_settings_record
 
 CONFIG_NAME = "required_operators.config"
 
@@ -68,7 +68,7 @@ def export(ctx: RunContext, source: Path, out_dir: Path) -> dict:
     target = ctx.target
     providers, missing = available_providers(target.execution_providers)
     ort_file, config = convert(source, out_dir)
-    load_session(ort_file, target.threads, providers, target.name)
+    load_session(ort_file, target.threads, providers, target.name, target.onnxruntime)
     x = check_images(ctx)
     # The .ort graph holds ORT's fused int8 kernels (QLinearConv...), the ONNX file the Q/DQ pairs the session fuses
     # on load: the same arithmetic, so outputs must agree to float rounding.
@@ -92,7 +92,7 @@ def export(ctx: RunContext, source: Path, out_dir: Path) -> dict:
                                                 "--android_sdk_path SDK --android_ndk_path NDK --minimal_build extended "
                                                 f"--use_xnnpack --include_ops_by_config {config.name}"},
         **io_description(onnx.load(str(source))),
-        "session_options": session_settings(target.threads, providers),
+        "session_options": ort_settings_record(target.threads, providers, target.onnxruntime),
         # XNNPACK has its own thread pool; ONNX Runtime's XNNPACK page recommends giving it the threads and
         # keeping ORT's intra-op pool at 1 without spinning, so the two pools do not contend.
         "device_session": {"providers": list(target.execution_providers),

@@ -1,7 +1,6 @@
 """Quantize stage: fp32 ONNX of the student, then ONNX Runtime static int8 QDQ with real calibration images."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -17,11 +16,11 @@ import torch
 from edgecompress.models.loaders import build_model
 
 from . import data as datasets
-from . import distill, files, schemes, sensitivity
+from . import distill, files, inputfold, schemes, sensitivity
 from .errors import BadInput, StageFailed
 from .qdq_check import check_tensorrt_qdq
 from .runner import RunContext, Stage
-from .runners import OrtRunner, TorchRunner, predict
+from .runners import OrtRunner, predict
 
 
 def load_student(path: Path, student_spec: str) -> tuple[torch.nn.Module, dict]:
@@ -146,8 +145,10 @@ class Quantizer:
             quant_pre_process(str(fp32_path), str(self.prepared), skip_symbolic_shape=True)
         self.candidates = float_groups(self.prepared, scheme)
 
-    def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = ()) -> None:
-        """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float."""
+    def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = ()) -> dict | None:
+        """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float, with the
+        input normalisation folded into the input's quantization where the scheme allows it (inputfold); returns
+        what was folded, or None."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -163,7 +164,11 @@ class Quantizer:
                             weight_type=types[scheme.weight_type], calibrate_method=methods[method],
                             nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
                             extra_options=scheme.extra_options() | calibration_options(method))
-            onnx.checker.check_model(str(tmp))
+            proto = onnx.load(str(tmp))
+            folded = inputfold.fold_input_normalization(proto)
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+        return folded
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, calibration: torch.Tensor, method: str, scheme: schemes.Scheme,
@@ -311,8 +316,7 @@ def run(ctx: RunContext) -> Path:
     # probe images come from outside the calibration set; a data set with no such images probes on calibration's
     probe_idx = probe_idx[datasets.stratified_sample(ds.y_train[rest], conf.probe_size, seed)] if len(probe_idx) \
         else calib_idx
-    cores = os.cpu_count() or 1
-    teacher_top1 = top1(predict(TorchRunner(ctx.teacher[0], cores), ds.x_eval, 500), ds.y_eval)
+    teacher_top1 = top1(ctx.teacher_eval_logits, ds.y_eval)
     # QAT distils from the (first) teacher's logits, cached by the distill stage
     qat_inputs = QatInputs(ds.x_train, ds.y_train, lambda: distill.teacher_logits(
         ctx, 0, ctx.teacher[0], torch.device("cpu"), None, distill.Distributed()),
@@ -320,7 +324,7 @@ def run(ctx: RunContext) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-") as work_dir:
         work = Path(work_dir)
         judge = sensitivity.Judge(fp32_path, ds.x_eval, ds.y_eval, ds.x_train[probe_idx], target.threads,
-                                  target.execution_providers)
+                                  target.execution_providers, target.onnxruntime)
         budget = Budget(judge.correct(fp32_path), teacher_top1, conf.max_drop_vs_fp32,
                         target.budgets.max_accuracy_drop)
         ctx.log(f"[quantize] {scheme.name}: teacher {teacher_top1:.4f}, fp32 student {budget.fp32_top1:.4f} top-1; "
@@ -378,10 +382,9 @@ def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: sch
     with progress(None, "calibration", length=-(-len(calibration) // 64)) as bar:
         quantizer = Quantizer(fp32_path, work, calibration, scheme, on_batch=lambda: bar.update(1))
         methods = CALIBRATION_METHODS if conf.calibration_method == "auto" else (conf.calibration_method,)
-        for method in methods:
-            quantizer.quantize(work / f"ptq-{method}.onnx", method)
+        folds = {method: quantizer.quantize(work / f"ptq-{method}.onnx", method) for method in methods}
     for method in methods:
-        search.judge_try(work / f"ptq-{method}.onnx", "ptq", method, [])
+        search.judge_try(work / f"ptq-{method}.onnx", "ptq", method, [], input_fold=folds[method])
     # with "auto", the calibration whose logits come closest to fp32 on the probe images wins
     method = max(search.tries, key=lambda t: t["probe_sqnr_db"])["calibration"]
     best = search.chosen()
@@ -393,8 +396,8 @@ def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: sch
         for count in range(1, min(conf.max_float_nodes, len(search.ranking)) + 1):
             excluded = [name for r in search.ranking[:count] for name in r["excluded"]]
             path = work / f"fallback-{count}.onnx"
-            quantizer.quantize(path, method, excluded)
-            entry = search.judge_try(path, "fallback", method, excluded)
+            folded = quantizer.quantize(path, method, excluded)
+            entry = search.judge_try(path, "fallback", method, excluded, input_fold=folded)
             if not entry["missed"] or search.gave_back_half_the_speed(entry):
                 break
     if search.chosen()["missed"] and conf.qat_epochs and qat_inputs is not None:
@@ -427,8 +430,8 @@ def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, metho
     tuned_path = work / "qat.fp32.onnx"
     export_onnx(tuned, spec, opset, tuned_path)
     (work / "qat").mkdir()
-    Quantizer(tuned_path, work / "qat", calibration, scheme).quantize(work / "qat.int8.onnx", method)
-    search.judge_try(work / "qat.int8.onnx", "qat", method, [], qat_seconds=round(seconds, 1),
+    folded = Quantizer(tuned_path, work / "qat", calibration, scheme).quantize(work / "qat.int8.onnx", method)
+    search.judge_try(work / "qat.int8.onnx", "qat", method, [], input_fold=folded, qat_seconds=round(seconds, 1),
                      qat_epochs=conf.qat_epochs, qat_images=images, qat_lr=conf.qat_lr)
     search.qat_note = "ran"
 

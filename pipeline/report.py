@@ -100,6 +100,11 @@ def markdown(r: dict) -> str:
         lines += [f"| {t['try']} | {t['kind']} | {t.get('calibration', '-')} | "
                   f"{', '.join(t['excluded_nodes']) or '-'} | {_pct(t['eval_top1'])} | "
                   f"{t['drop_vs_fp32_pt']:+.2f} | {t['latency_bs1_ms']:.3f} |" for t in q["tries"] if "latency_bs1_ms" in t]
+        fold = q.get("input_fold")
+        if fold:
+            lines.append(f"\nInput normalisation (mean {fold['mean']:.4f}, std {fold['std']:.4f}) folded into the "
+                         f"input's quantization: pixels quantized with scale 1/255, the first layer reads zero point "
+                         f"{fold['normalized_zero_point']}.")
 
     lines += ["", "## Per-class top-1", "", "| class | eval images | teacher | student fp32 | artifact |",
               "|---|---|---|---|---|"]

@@ -77,6 +77,17 @@ class RunContext:
         return model, info
 
     @cached_property
+    def teacher_eval_logits(self):
+        """The teacher's logits on the eval images (fp32, every core): quantize judges against them and verify
+        reports them, so one `compress` runs the teacher over the eval split once."""
+        import os
+
+        from .runners import TorchRunner, predict
+
+        return predict(TorchRunner(self.teacher[0], os.cpu_count() or 1), self.data.x_eval,
+                       self.config.verify.eval_batch)
+
+    @cached_property
     def teacher_inputs(self) -> dict:
         """What the teacher depends on, for the stages that run it: its spec, and its files by content."""
         spec = self.config.teacher.spec

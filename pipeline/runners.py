@@ -32,37 +32,54 @@ class TorchRunner:
         return {"runtime": self.runtime, "intra_op_threads": self.threads, "torch": torch.__version__}
 
 
-def ort_session_options(threads: int):
+ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session_options(threads: int, settings=None):
+    """Session options with `threads` intra-op threads and a target's [onnxruntime] settings (defaults: every
+    graph optimisation, spinning allowed: ONNX Runtime's own defaults)."""
     import onnxruntime as ort
 
+    level = settings.graph_optimization_level if settings else "all"
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                  "0" if settings and not settings.allow_spinning else "1")
     opts.log_severity_level = 3
     return opts
 
 
-class OrtRunner:
-    """ONNX Runtime with the target's execution providers and thread count."""
+def ort_settings_record(threads: int, providers: list[str], settings=None) -> dict:
+    """What a session made by ort_session_options runs with, for reports."""
+    import onnxruntime as ort
 
-    def __init__(self, path: Path, threads: int, runtime: str, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    return {"onnxruntime": ort.__version__, "providers": list(providers), "intra_op_num_threads": threads,
+            "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
+            "graph_optimization_level": ORT_LEVELS[settings.graph_optimization_level if settings else "all"],
+            "allow_spinning": bool(settings.allow_spinning) if settings else True}
+
+
+class OrtRunner:
+    """ONNX Runtime with the target's execution providers, thread count and [onnxruntime] settings."""
+
+    def __init__(self, path: Path, threads: int, runtime: str, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 settings=None):
         import onnxruntime as ort
 
         self.path, self.threads, self.runtime, self.providers = path, threads, runtime, list(providers)
-        self.session = ort.InferenceSession(str(path), ort_session_options(threads), providers=self.providers)
+        self.ort_settings = settings
+        self.session = ort.InferenceSession(str(path), ort_session_options(threads, settings), providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
 
     def settings(self) -> dict:
-        import onnxruntime as ort
-
-        return {"runtime": self.runtime, "onnxruntime": ort.__version__, "providers": self.providers,
-                "intra_op_num_threads": self.threads, "inter_op_num_threads": 1,
-                "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL"}
+        return {"runtime": self.runtime} | ort_settings_record(self.threads, self.providers, self.ort_settings)
 
 
 def predict(runner, x: torch.Tensor, batch: int, progress=None) -> np.ndarray:

@@ -64,7 +64,8 @@ def measure(ctx: RunContext, name: str, batch: int, workdir: Path) -> dict:
     else:
         artifact = fp32
     runtime = f"onnxruntime-{scheme.precision}"
-    make_runner = lambda: OrtRunner(artifact, target.threads, runtime, target.execution_providers)  # noqa: E731
+    make_runner = lambda: OrtRunner(artifact, target.threads, runtime, target.execution_providers,
+                                          target.onnxruntime)  # noqa: E731
     sessions = time_runs(make_runner, ds.x_eval, batch, ctx.config.verify.warmup_runs, TIMING_RUNS, TIMING_SECONDS,
                          lambda length: ctx.progress(None, f"timing {name}", length), TIMING_SESSIONS)
     times = np.concatenate(sessions)

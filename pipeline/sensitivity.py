@@ -30,10 +30,10 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 
 def median_latency_ms(path: Path, threads: int, providers: tuple[str, ...], image: np.ndarray,
-                      seconds: float = 0.5) -> float:
+                      seconds: float = 0.5, settings=None) -> float:
     """Batch-1 median milliseconds of a quick timing (after 20 warm-up calls): a guide for comparing tries in
     one run, not a verified figure (the verify stage measures those)."""
-    runner = OrtRunner(path, threads, "onnxruntime", providers)
+    runner = OrtRunner(path, threads, "onnxruntime", providers, settings)
     for _ in range(20):
         runner(image)
     times, started = [], time.perf_counter()
@@ -54,6 +54,7 @@ class Judge:
     x_probe: torch.Tensor
     threads: int
     providers: tuple[str, ...]
+    ort_settings: object = None  # the target's [onnxruntime] settings (targets.OnnxRuntimeOptions)
     fp32_probe: np.ndarray = field(init=False)
 
     def __post_init__(self):
@@ -75,7 +76,7 @@ class Judge:
         return float(self.correct(path).mean())
 
     def latency(self, path: Path) -> float:
-        return median_latency_ms(path, self.threads, self.providers, self.image)
+        return median_latency_ms(path, self.threads, self.providers, self.image, settings=self.ort_settings)
 
 
 def rank_nodes(quantize: Callable[[Path, list[str]], None], candidates: dict[str, list[str]], judge: Judge,

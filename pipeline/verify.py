@@ -210,15 +210,17 @@ def run(ctx: RunContext) -> Path:
     subjects = {
         "teacher": (TorchRunner(teacher_model, cores), lambda: TorchRunner(teacher_model, target.threads)),
         "student_fp32": (OrtRunner(student_path, cores, runtimes["student_fp32"]),
-                         lambda: OrtRunner(student_path, target.threads, runtimes["student_fp32"], providers)),
+                         lambda: OrtRunner(student_path, target.threads, runtimes["student_fp32"], providers,
+                                           target.onnxruntime)),
         "artifact": (OrtRunner(artifact_path, cores, runtimes["artifact"]),
-                     lambda: OrtRunner(artifact_path, target.threads, runtimes["artifact"], providers)),
+                     lambda: OrtRunner(artifact_path, target.threads, runtimes["artifact"], providers,
+                                       target.onnxruntime)),
     }
     labels = ds.y_eval.numpy().astype(np.int64)
     results, logits, timings, session_runs = {}, {}, {}, {}
     for name, (fast, make_timed) in subjects.items():
         ctx.log(f"[verify] {name}: accuracy on {len(labels)} eval images")
-        logits[name] = predict(fast, ds.x_eval, conf.eval_batch)
+        logits[name] = ctx.teacher_eval_logits if name == "teacher" else predict(fast, ds.x_eval, conf.eval_batch)
         latency, timings[name], session_runs[name] = {}, {}, {}
         for batch in target.batch:
             runs = conf.latency_runs_bs1 if batch == 1 else conf.latency_runs_batch
@@ -242,7 +244,8 @@ def run(ctx: RunContext) -> Path:
     # ORT's kernel choice is read from the ONNX graph it optimises; an .ort file is already optimised (export
     # checked it against its ONNX source)
     if "int8" in formats["artifact"] and artifact_path.suffix == ".onnx":
-        results["artifact"]["kernels"] = kernels.kernel_report(artifact_path, target.threads, providers)
+        results["artifact"]["kernels"] = kernels.kernel_report(artifact_path, target.threads, providers,
+                                                                    target.onnxruntime)
     if "note" in build["verify_with"]:  # e.g. ONNX Runtime measuring the graph a TensorRT engine is built from
         results["artifact"]["measured_with"] = build["verify_with"]["note"]
 
@@ -302,7 +305,9 @@ def run(ctx: RunContext) -> Path:
             "scheme": record["scheme"]["name"], "method": record.get("method"), "budget": record.get("budget"),
             "excluded_nodes": record["excluded_nodes"], "chosen_try": record.get("chosen_try", 0),
             "qat": record.get("qat", "not needed"),
-            "tries": [{k: t[k] for k in keys if k in t} for t in record["tries"]]}
+            "tries": [{k: t[k] for k in keys if k in t} for t in record["tries"]],
+            "input_fold": next((t.get("input_fold") for t in record["tries"]
+                                if t["try"] == record.get("chosen_try", 0)), None)}
     files.write_json(out_dir / "report.json", result)
     files.write_json(out_dir / "latency.json", {"unit": "ms per batch, in the order timed", "timings": timings,
                                                 "runs_per_session": session_runs})

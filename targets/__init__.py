@@ -53,6 +53,20 @@ class TensorRTOptions:
 
 
 @dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """ONNX Runtime session settings the artifact runs with, and is timed with (runtimes onnxruntime*)."""
+
+    # disabled | basic | extended | all: "all" adds the layout rewrites (NCHWc, NHWC int8) for the CPU it runs on
+    graph_optimization_level: str = "all"
+    # intra-op threads spin-wait between operators: lower latency with several threads, but they burn CPU time
+    # (and a phone's battery) while idle; no effect with threads = 1
+    allow_spinning: bool = True
+
+
+GRAPH_OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
 class DockerOptions:
     """The image that builds and verifies this target's artifact from a mounted run directory."""
 
@@ -76,6 +90,7 @@ class Target:
     per_channel: bool = True
     budgets: Budgets = field(default_factory=Budgets)
     tensorrt: TensorRTOptions | None = None
+    onnxruntime: OnnxRuntimeOptions = field(default_factory=OnnxRuntimeOptions)
     docker: DockerOptions = field(default_factory=DockerOptions)
     source: str = ""
 
@@ -83,7 +98,7 @@ class Target:
         return dataclasses.asdict(self)
 
 
-TABLES = {"budgets": Budgets, "tensorrt": TensorRTOptions, "docker": DockerOptions}
+TABLES = {"budgets": Budgets, "tensorrt": TensorRTOptions, "onnxruntime": OnnxRuntimeOptions, "docker": DockerOptions}
 
 
 def names() -> list[str]:
@@ -220,10 +235,14 @@ def _build(raw: dict, where: str) -> Target:
             raise BadInput(f"{where}: batch sizes must not exceed [tensorrt] max_batch = {tensorrt.max_batch}")
     elif "tensorrt" in tables:
         raise BadInput(f"{where}: a [tensorrt] table needs runtime = 'tensorrt' (runtime is {values['runtime']!r})")
+    onnxruntime = OnnxRuntimeOptions(**tables.get("onnxruntime", {}))
+    _choice(onnxruntime.graph_optimization_level, GRAPH_OPTIMIZATION_LEVELS, "graph_optimization_level",
+            f"{where} [onnxruntime]")
     docker = DockerOptions(**tables.get("docker", {}))
     _choice(docker.platform, PLATFORMS, "platform", f"{where} [docker]")
     pinned = re.fullmatch(r"[^\s:@]+:([\w.-]+)(@sha256:[0-9a-f]{64})?", docker.base_image)
     if not pinned or pinned.group(1) == "latest":
         raise BadInput(f"{where} [docker]: base_image must be pinned as repository:tag (not latest), "
                        f"got {docker.base_image!r}")
-    return Target(**values, budgets=Budgets(**budgets), tensorrt=tensorrt, docker=docker, source=where)
+    return Target(**values, budgets=Budgets(**budgets), tensorrt=tensorrt, onnxruntime=onnxruntime, docker=docker,
+                  source=where)

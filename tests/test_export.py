@@ -91,6 +91,7 @@ def test_onnxruntime_export_writes_the_portable_optimised_graph(tmp_path, small_
     assert build["optimized_offline"]["matches_source"]["top1_agreement"] == 1.0
     assert build["session_options"]["intra_op_num_threads"] == 1
     assert build["session_options"]["providers"] == ["CPUExecutionProvider"]
+    assert build["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
     assert build["sha256"] == __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()
     assert build["profile"]["name"] == "x86-cpu" and build["unverified"] == []
     x = eval_images(ctx)
@@ -139,6 +140,7 @@ def test_mobile_export_writes_an_ort_file_that_matches_the_onnx_model(tmp_path, 
     assert build["ort_format"]["matches_source"]["images"] == len(x)
     assert "QLinearConv" in sum(build["required_operators"]["ops"].values(), [])
     assert build["session_options"]["intra_op_num_threads"] == 4  # the profile's threads
+    assert build["session_options"]["allow_spinning"] is False  # the profile's [onnxruntime] settings
     assert build["device_session"]["provider_options"]["XnnpackExecutionProvider"]["intra_op_num_threads"] == 4
     unverified = " ".join(build["unverified"])
     assert "XnnpackExecutionProvider" in unverified and "on-phone latency" in unverified

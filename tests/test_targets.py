@@ -106,6 +106,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path, text, wrong, hint):
      targets.EXECUTION_PROVIDERS),
     ('precision = "int8"', 'precision = "int4"', targets.PRECISIONS),
     ('activation_type = "uint8"', 'activation_type = "fp8"', targets.QUANT_TYPES),
+    ('graph_optimization_level = "all"', 'graph_optimization_level = "max"', targets.GRAPH_OPTIMIZATION_LEVELS),
 ])
 def test_bad_choice_lists_the_valid_ones(tmp_path, old, new, valid):
     with pytest.raises(BadInput) as info:
@@ -126,8 +127,9 @@ def test_bad_choice_lists_the_valid_ones(tmp_path, old, new, valid):
     ("threads = 1", 'threads = "4"', "threads must be int"),
     ("threads = 1", "threads = true", "threads must be int"),
     ("min_speedup = 10.0", 'min_speedup = "fast"', "min_speedup must be float"),
+    ("allow_spinning = true", 'allow_spinning = "no"', "allow_spinning must be bool"),
 ], ids=["negative-speedup", "negative-drop", "zero-threads", "negative-threads", "zero-batch", "empty-batch",
-        "old-opset", "string-threads", "bool-threads", "string-budget"])
+        "old-opset", "string-threads", "bool-threads", "string-budget", "string-spinning"])
 def test_bad_values_are_refused(tmp_path, old, new, match):
     assert old in X86
     with pytest.raises(BadInput, match=match):
