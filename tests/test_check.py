@@ -12,7 +12,7 @@ from edgecompress import files
 from edgecompress.check import Thresholds, compare
 from edgecompress.cli import main
 
-from test_verify import small_run_dir
+from testkit import small_run_dir
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from PIL import Image
@@ -11,35 +10,14 @@ from edgecompress import data
 from edgecompress.cli import main
 from edgecompress.models.loaders import WEIGHTS_DIR
 
+from testkit import config_file, lenient_target, subset_npz
+
 SHIPPED_TEACHER = WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
-FAST_VERIFY = "[verify]\nlatency_runs_bs1 = 30\nlatency_runs_batch = 3\nwarmup_runs = 3\n"
 
 
 @pytest.fixture(scope="module")
 def fashion():
     return data.load("fashion-mnist")
-
-
-def subset_npz(fashion, path: Path, train: int, eval_: int) -> Path:
-    i = data.stratified_sample(fashion.y_train, train, 0)
-    j = data.stratified_sample(fashion.y_eval, eval_, 0)
-    np.savez(path, x=fashion.x_train[i, 0].numpy(), y=fashion.y_train[i].numpy(),
-             x_test=fashion.x_eval[j, 0].numpy(), y_test=fashion.y_eval[j].numpy())
-    return path
-
-
-def lenient_target(path: Path) -> Path:
-    """x86-cpu with no budgets: these runs train for seconds, so they test the plumbing, not the quality."""
-    text = (Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text()
-    text = text.replace('name = "x86-cpu"', 'name = "test-cpu"')
-    text = text.split("[budgets]")[0] + "[budgets]\nmax_accuracy_drop = 100.0\nmin_speedup = 0.0\n"
-    path.write_text(text)
-    return path
-
-
-def config_file(path: Path, epochs: int) -> Path:
-    path.write_text(FAST_VERIFY + f"[distill]\nepochs = {epochs}\n")
-    return path
 
 
 def quant_activation_types(model_path: Path) -> set[int]:

@@ -8,7 +8,7 @@ import torch
 
 from edgecompress import kernels, quantize, schemes, targets
 
-from test_verify import small_run_dir
+from testkit import small_run_dir
 
 
 def test_a_fully_quantized_artifact_runs_every_conv_and_gemm_as_int8(tmp_path_factory, fashion_raw, teacher_spec):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_compress import config_file, lenient_target, subset_npz
+from testkit import config_file, lenient_target, subset_npz
 
 from edgecompress import data
 

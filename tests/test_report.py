@@ -11,7 +11,7 @@ import pytest
 
 from edgecompress import report as reports
 
-from test_verify import PNG_SIGNATURE, small_run_dir
+from testkit import PNG_SIGNATURE, small_run_dir
 
 SUBJECTS = ("teacher", "student_fp32", "artifact")
 

@@ -12,17 +12,13 @@ import pytest
 import torch
 
 from edgecompress import stats, verify
-from edgecompress.cli import main
 from edgecompress.config import RunConfig
 from edgecompress.runner import RunContext
 from edgecompress.verify import (MAX_TIMED_RUNS, MIN_TIMED_SECONDS, WARMUP_WINDOW, accuracy_metrics, confusion_matrix,
                                  onnx_format, per_class_accuracy, time_runs, top_k_hits)
 
-from test_compress import lenient_target
+from testkit import PNG_SIGNATURE, small_run_dir
 
-SMALL_RUN_CONFIG = ("[distill]\nepochs = 1\n"
-                    "[verify]\nlatency_runs_bs1 = 60\nlatency_runs_batch = 8\nwarmup_runs = 5\n")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --- the interval math on known cases -----------------------------------------------------------------------
@@ -222,32 +218,6 @@ def test_accuracy_metrics_pair_the_models_on_the_same_images():
 
 
 # --- a real small run, shared by test_report.py and test_check.py ---------------------------------------------
-
-_small_runs: dict[Path, Path] = {}  # one run per test session (its base temp folder), for every test module
-
-
-def small_run_dir(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
-    """One `edgecompress compress` per test session on 600 training and 200 test images of Fashion-MNIST
-    (60 and 20 per class), a tiny factory teacher, resnet_slim_050 for 1 epoch and short latency runs."""
-    root = tmp_path_factory.getbasetemp()
-    if root not in _small_runs:
-        base = tmp_path_factory.mktemp("small-run")
-
-        def take(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-            x, y = fashion_raw[f"x_{split}"], fashion_raw[f"y_{split}"]
-            idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
-            return x[idx], y[idx].astype(np.int64)
-
-        (x, y), (x_test, y_test) = take("train", 60), take("test", 20)
-        np.savez(base / "fmnist.npz", x=x, y=y, x_test=x_test, y_test=y_test)
-        (base / "config.toml").write_text(SMALL_RUN_CONFIG)
-        args = ["compress", "--teacher", teacher_spec, "--data", str(base / "fmnist.npz"), "--student",
-                "resnet_slim_050", "--epochs", "1", "--target", str(lenient_target(base / "target.toml")),
-                "--config", str(base / "config.toml"), "--out", str(base / "run"), "--quiet"]
-        assert main(args) == 0
-        _small_runs[root] = base / "run"
-    return _small_runs[root]
-
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, fashion_raw, teacher_spec) -> Path:

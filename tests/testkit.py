@@ -1,0 +1,62 @@
+"""Helpers several test modules share: small real data sets, lenient targets, and one small finished run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgecompress import data
+from edgecompress.cli import main
+
+FAST_VERIFY = "[verify]\nlatency_runs_bs1 = 30\nlatency_runs_batch = 3\nwarmup_runs = 3\n"
+SMALL_RUN_CONFIG = ("[distill]\nepochs = 1\n"
+                    "[verify]\nlatency_runs_bs1 = 60\nlatency_runs_batch = 8\nwarmup_runs = 5\n")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def subset_npz(fashion, path: Path, train: int, eval_: int) -> Path:
+    i = data.stratified_sample(fashion.y_train, train, 0)
+    j = data.stratified_sample(fashion.y_eval, eval_, 0)
+    np.savez(path, x=fashion.x_train[i, 0].numpy(), y=fashion.y_train[i].numpy(),
+             x_test=fashion.x_eval[j, 0].numpy(), y_test=fashion.y_eval[j].numpy())
+    return path
+
+
+def lenient_target(path: Path) -> Path:
+    """x86-cpu with no budgets: these runs train for seconds, so they test the plumbing, not the quality."""
+    text = (Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text()
+    text = text.replace('name = "x86-cpu"', 'name = "test-cpu"')
+    text = text.split("[budgets]")[0] + "[budgets]\nmax_accuracy_drop = 100.0\nmin_speedup = 0.0\n"
+    path.write_text(text)
+    return path
+
+
+def config_file(path: Path, epochs: int) -> Path:
+    path.write_text(FAST_VERIFY + f"[distill]\nepochs = {epochs}\n")
+    return path
+
+
+_small_runs: dict[Path, Path] = {}  # one run per test session (its base temp folder), for every test module
+
+
+def small_run_dir(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
+    """One `edgecompress compress` per test session on 600 training and 200 test images of Fashion-MNIST
+    (60 and 20 per class), a tiny factory teacher, resnet_slim_050 for 1 epoch and short latency runs."""
+    root = tmp_path_factory.getbasetemp()
+    if root not in _small_runs:
+        base = tmp_path_factory.mktemp("small-run")
+
+        def take(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+            x, y = fashion_raw[f"x_{split}"], fashion_raw[f"y_{split}"]
+            idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
+            return x[idx], y[idx].astype(np.int64)
+
+        (x, y), (x_test, y_test) = take("train", 60), take("test", 20)
+        np.savez(base / "fmnist.npz", x=x, y=y, x_test=x_test, y_test=y_test)
+        (base / "config.toml").write_text(SMALL_RUN_CONFIG)
+        args = ["compress", "--teacher", teacher_spec, "--data", str(base / "fmnist.npz"), "--student",
+                "resnet_slim_050", "--epochs", "1", "--target", str(lenient_target(base / "target.toml")),
+                "--config", str(base / "config.toml"), "--out", str(base / "run"), "--quiet"]
+        assert main(args) == 0
+        _small_runs[root] = base / "run"
+    return _small_runs[root]
