@@ -28,16 +28,18 @@ class TeacherConfig:
 
 @dataclass
 class DistillConfig:
-    student: str = "resnet_slim_150"  # zoo name or path/to/file.py:factory
+    student: str = "resnet_fast_100"  # zoo name or path/to/file.py:factory
     method: str = "hinton"            # a name from `edgecompress methods`
     # options of the method (`edgecompress methods` lists them with their paper defaults); they win over
     # temperature/alpha below
     method_opts: dict = field(default_factory=dict)
     temperature: float = 4.0          # Hinton KD's T (also multi-teacher, cross-modal); Hinton et al. use [2, 20]
     alpha: float = 0.9                # Hinton KD's weight of the KD term; 1 - alpha weighs cross-entropy on labels
-    epochs: int = 8
+    # measured on Fashion-MNIST with the default teacher and student (int8 top-1): 4 epochs at lr 0.05 92.56%,
+    # 0.1 93.16%, 0.2 93.46%; 5 epochs at 0.05 93.14%. Four epochs keep the default compress under 5 minutes.
+    epochs: int = 4
     batch: int = 128
-    lr: float = 0.05
+    lr: float = 0.2                   # OneCycle's peak learning rate (SGD, Nesterov momentum 0.9)
     weight_decay: float = 5e-4
     precision: str = "auto"           # auto: bf16 autocast where the CPU has AVX-512 BF16 / AMX, CUDA when present
 
