@@ -11,6 +11,7 @@ and compensated in the next conv (the hard case for the fallback), and the same 
 most one node kept in float (the case for QAT); and the x86 latency of uint8 against int8 activations.
 
     nice -n 19 .venv/bin/python benchmarks/quantization.py [--steps 150] [--students a,b]
+    nice -n 19 .venv/bin/python benchmarks/quantization.py --cases-only --default-run DIR [--train-images 10000]
 
 Writes benchmarks/results/quantization.json and .md. Latencies: batch 1, one intra-op thread, median of a quick
 timing on this (shared) host; compare within one table, not across hosts.
@@ -176,8 +177,12 @@ def markdown(r: dict) -> str:
         ptq = min(t["drop_vs_fp32_pt"] for t in s["tries"] if t["kind"] == "ptq")
         qat = [t["drop_vs_fp32_pt"] for t in s["tries"] if t["kind"] == "qat"]
         if qat and ptq > 0:
+            run = next(t for t in s["tries"] if t["kind"] == "qat")
             lines.append(f"\nQAT recovered {(ptq - qat[0]) / ptq:.0%} of the best PTQ try's drop "
-                         f"({ptq:+.2f} -> {qat[0]:+.2f} pt).")
+                         f"({ptq:+.2f} -> {qat[0]:+.2f} pt), with no node in float"
+                         + (f"; fine-tuning took {run['qat_seconds']:.0f} s ({run['qat_epochs']} epoch(s) of "
+                            f"{run['qat_images']} images, lr {run['qat_lr']:g}, step-size lr "
+                            f"{run['qat_scale_lr']:g}, one thread)." if "qat_scale_lr" in run else "."))
         lines.append("")
     lat = r["activation_latency"]
     lines += ["## x86: uint8 vs int8 activations (default student, ms, one thread)", "",
@@ -185,6 +190,10 @@ def markdown(r: dict) -> str:
     for key in ("fp32", "uint8", "int8"):
         lines.append(f"| {key} | {lat[key]['bs1']:.3f} | {lat[key]['bs64']:.3f} |")
     lines += ["", f"Wall time: {r['seconds']:.0f} s. Command: {r.get('command', '')}"]
+    if r.get("cases_run"):
+        c = r["cases_run"]
+        lines += ["", f"The constructed cases (their rows above and their tries) were rerun on their own: "
+                      f"{c['setting']}; {c['seconds']:.0f} s; command: {c['command']}"]
     if r.get("note"):
         lines += ["", f"Note: {r['note']}"]
     return "\n".join(lines) + "\n"
@@ -199,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
                         "fashion-mnist): its distilled student is compared too and is the base of the constructed cases")
     parser.add_argument("--eval-images", type=int, default=0, help="first N test images only (0: all; for smoke runs)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
+    parser.add_argument("--cases-only", action="store_true", help="rerun only the constructed cases (needs "
+                        "--default-run) and replace them in the saved .json, keeping its student rows")
     args = parser.parse_args(argv)
     if args.render:
         files.write_text(RESULTS / "quantization.md", markdown(json.loads((RESULTS / "quantization.json").read_text())))
         return 0
+    if args.cases_only and not args.default_run:
+        parser.error("--cases-only needs --default-run DIR (the student the constructed cases start from)")
     torch.set_num_threads(1)  # measured here: one thread trains 5x faster than two on this loaded 2-core host
     began = time.perf_counter()
     fm = data.load("fashion-mnist")
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgecompress-quant-bench-") as tmp:
         work = Path(tmp)
         trained = {}
-        for name in filter(None, args.students.split(",")):
+        for name in filter(None, "" if args.cases_only else args.students.split(",")):
             t0 = time.perf_counter()
             trained[name] = train_student(name, fm, x_train, y_train, teacher_train, args.steps, 0)
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -249,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             history = json.loads((args.default_run / "distill" / "history.json").read_text())
             results["default_run"] = {"student": spec["student"], "epochs": len(history["epochs"]),
                                       "method": history["method"]}
-            results["students"].append(compare(f"{spec['student']} ({len(history['epochs'])}-epoch distill, "
-                                               "edgecompress defaults)", trained["default"], fm, calibration, probe,
-                                               teacher_top1, qat_inputs, conf, work))
+            if not args.cases_only:
+                results["students"].append(compare(f"{spec['student']} ({len(history['epochs'])}-epoch distill, "
+                                                   "edgecompress defaults)", trained["default"], fm, calibration,
+                                                   probe, teacher_top1, qat_inputs, conf, work))
         base = trained.get("default") or trained.get(DEFAULT_STUDENT) or next(iter(trained.values()))
         if isinstance(base.net, type(create(DEFAULT_STUDENT, 1, fm.num_classes))):
             label = "default student" if "default" in trained else DEFAULT_STUDENT
@@ -261,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
             qat_case = compare(f"{label} + 100x outliers (stages 0-2), max 1 float node", planted(base, (0, 1, 2)),
                                fm, calibration, probe, teacher_top1, qat_inputs, qat_conf, work)
             results["cases"] += [hard, qat_case]
-        results["activation_latency"] = activation_latency(base, fm, calibration, work)
-    results["seconds"] = round(time.perf_counter() - began, 1)
-    results["host"], results["versions"] = cfg.host(), cfg.versions()
-    results["python"] = platform.python_version()
-    results["command"] = "benchmarks/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        if not args.cases_only:
+            results["activation_latency"] = activation_latency(base, fm, calibration, work)
+    command = "benchmarks/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.cases_only:
+        cases = {"cases": results["cases"], "cases_run": {
+            "command": command, "seconds": round(time.perf_counter() - began, 1), "host": cfg.host(),
+            "versions": cfg.versions(), "setting": f"QAT on {len(train_idx)} training images (teacher logits on "
+            f"them), {len(fm.y_eval)} test images", "default_run": results.get("default_run")}}
+        results = json.loads((RESULTS / "quantization.json").read_text()) | cases
+    else:
+        results["seconds"] = round(time.perf_counter() - began, 1)
+        results["host"], results["versions"] = cfg.host(), cfg.versions()
+        results["python"] = platform.python_version()
+        results["command"] = command
     RESULTS.mkdir(exist_ok=True)
     files.write_json(RESULTS / "quantization.json", results)
     text = markdown(results)

@@ -55,6 +55,7 @@ class QuantizeConfig:
     qat_epochs: int = 1                 # quantization-aware fine-tuning when the fallback misses; 0: never
     qat_images: int = 10000             # training images per QAT epoch
     qat_lr: float = 1e-4                # Adam: the outlier-channel case diverged under SGD at 2e-3 and 2e-4
+    qat_scale_lr: float = 1e-2          # Adam on the activation quantizers' log step sizes
 
 
 @dataclass
@@ -132,7 +133,7 @@ class RunConfig:
             if value < 0:
                 raise BadInput(f"{name} must be >= 0, got {value}")
         for name, value in {"quantize.probe_size": q.probe_size, "quantize.qat_images": q.qat_images,
-                            "quantize.qat_lr": q.qat_lr}.items():
+                            "quantize.qat_lr": q.qat_lr, "quantize.qat_scale_lr": q.qat_scale_lr}.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")
         return self

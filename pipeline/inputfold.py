@@ -40,7 +40,8 @@ def _single_consumer(graph: onnx.GraphProto, tensor: str, op_type: str) -> onnx.
 
 def fold_input_normalization(model: onnx.ModelProto) -> dict | None:
     """Rewrite `model` in place when its input goes Sub(mean) -> Q -> DQ -> Mul(inv_std) -> Q -> DQs; returns
-    what was folded (mean, std, zero point), or None when the graph does not have that shape."""
+    what was folded (mean, std, zero point, the normalised tensor's name), or None when the graph does not have
+    that shape."""
     graph = model.graph
     if len(graph.input) != 1:
         return None
@@ -85,7 +86,7 @@ def fold_input_normalization(model: onnx.ModelProto) -> dict | None:
     graph.node.insert(position, quantize)
     _drop_unused(graph)
     return {"mean": mean_value, "std": 1.0 / inv_std_value, "input_scale": 1.0 / PIXEL_LEVELS,
-            "normalized_zero_point": zero_point}
+            "normalized_zero_point": zero_point, "normalized_tensor": mul.output[0]}
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:

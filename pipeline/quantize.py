@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from edgecompress.models.loaders import build_model
 
@@ -72,7 +73,6 @@ class CalibrationReader:
         self.position = 0
 
 
-QUANT_TYPES = ("uint8", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ARTIFACT_NAMES = {"int8": "student.int8.onnx", "fp16": "student.fp16.onnx", "fp32": "student.fp32.onnx"}
@@ -120,6 +120,19 @@ def check_calibration(calibration: torch.Tensor, model_path: Path) -> None:
                        "images of the training data's shape (quantize.calibration_data)")
 
 
+def quant_types():
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+
+
+def calibration_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
 def calibration_options(method: str) -> dict:
     """extra_options that configure ORT's calibrator itself (percentile: 99.999th, ORT's default)."""
     return {"CalibPercentile": 99.999} if method == "percentile" else {}
@@ -145,30 +158,70 @@ class Quantizer:
             quant_pre_process(str(fp32_path), str(self.prepared), skip_symbolic_shape=True)
         self.candidates = float_groups(self.prepared, scheme)
 
-    def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = ()) -> dict | None:
+    def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = (),
+                 fixed: dict[str, tuple[float, int]] | None = None) -> dict | None:
         """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float, with the
-        input normalisation folded into the input's quantization where the scheme allows it (inputfold); returns
-        what was folded, or None."""
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        input normalisation folded into the input's quantization where the scheme allows it (inputfold); the
+        activations named in `fixed` ({tensor: (scale, zero point)}) take those parameters instead of calibrated
+        ones (ORT's TensorQuantOverrides). Returns what was folded, or None."""
+        from onnxruntime.quantization import QuantFormat, quantize_static
 
-        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        cache = self.workdir / f"ranges-{method}.json"
-        reader = None if cache.is_file() else CalibrationReader(self.calibration, on_batch=self.on_batch)
+        reader = None if self._cache(method).is_file() else CalibrationReader(self.calibration, on_batch=self.on_batch)
         scheme = self.scheme
+        activation = quant_types()[scheme.activation_type]
+        zero_type = np.int8 if scheme.activation_type == "int8" else np.uint8
+        overrides = {name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero, zero_type)}]
+                     for name, (scale, zero) in (fixed or {}).items()}
         with files.atomic_path(out_path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(str(self.prepared), str(tmp), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=scheme.per_channel, activation_type=types[scheme.activation_type],
-                            weight_type=types[scheme.weight_type], calibrate_method=methods[method],
-                            nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
-                            extra_options=scheme.extra_options() | calibration_options(method))
+                            per_channel=scheme.per_channel, activation_type=activation,
+                            weight_type=quant_types()[scheme.weight_type], calibrate_method=calibration_method(method),
+                            nodes_to_exclude=list(exclude), calibration_cache_path=str(self._cache(method)),
+                            extra_options=scheme.extra_options() | calibration_options(method)
+                            | ({"TensorQuantOverrides": overrides} if overrides else {}))
             proto = onnx.load(str(tmp))
             folded = inputfold.fold_input_normalization(proto)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
         return folded
+
+    def _cache(self, method: str) -> Path:
+        return self.workdir / f"ranges-{method}.json"
+
+    def input_fold(self, method: str) -> dict | None:
+        """What `quantize` folds of the input normalisation (see inputfold), or None."""
+        with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".calibrate-") as tmp:
+            return self.quantize(Path(tmp) / "int8.onnx", method)
+
+    def ranges(self, method: str) -> dict[str, tuple[float, float]]:
+        """{tensor: (low, high)}: the real ranges `method` calibrates for the prepared model's activations."""
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        if not self._cache(method).is_file():
+            self.input_fold(method)  # calibrates, filling the cache
+        data = load_tensors_data(self._cache(method)).data
+        return {name: (float(np.min(t.range_value[0])), float(np.max(t.range_value[1]))) for name, t in data.items()}
+
+    def layer_inputs(self, weights: dict[str, np.ndarray]) -> dict[str, str]:
+        """{layer: name of its input tensor in the prepared model} for layers given by their weights
+        ({layer: weight array}), found by the weighted node whose weight initializer equals it. Matching by value
+        holds whatever names the exporter gave (the weights are the layers' own, exported unchanged)."""
+        graph = onnx.load(str(self.prepared)).graph
+        initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        found = {}
+        for node in graph.node:
+            weight = initializers.get(node.input[1]) if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else None
+            if weight is None:
+                continue
+            candidates = [name for name, w in weights.items() if w.shape == weight.shape and np.array_equal(w, weight)
+                          or w.T.shape == weight.shape and np.array_equal(w.T, weight)]
+            if len(candidates) == 1:
+                found[candidates[0]] = node.input[0]
+        missing = sorted(set(weights) - set(found))
+        if missing:
+            raise StageFailed(f"{self.prepared.name}: no weighted node with the weights of {', '.join(missing[:3])}")
+        return found
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, calibration: torch.Tensor, method: str, scheme: schemes.Scheme,
@@ -407,33 +460,84 @@ def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: sch
 
 def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, method: str, conf, calibration:
                torch.Tensor, inputs: QatInputs, opset: int, search: Search, work: Path, progress) -> None:
-    """Quantization-aware fine-tuning with the teacher's KD loss, then the same QDQ quantization of the result,
-    judged as one more try; a student QAT cannot handle (see qat.prepare) is noted, not tried."""
+    """Quantization-aware fine-tuning with the teacher's KD loss, judged as one more try: the fake quantizers
+    start from the PTQ model's quantization (qat_start) and the QDQ model is exported with what they learned
+    (qat_export). A student QAT cannot handle (see qat.prepare) is noted, not tried."""
     from . import qat
 
     images = min(conf.qat_images, len(inputs.y_train))
     search.log(f"[quantize] PTQ and fallback missed the budget: quantization-aware training, {conf.qat_epochs} "
                f"epoch(s) of {images} images")
     began = time.perf_counter()
-    steps = conf.qat_epochs * qat.steps_per_epoch(conf.qat_images, len(inputs.y_train))
     try:
-        with progress(None, "QAT", length=steps) as bar:
-            tuned = qat.finetune(model, inputs.x_train, inputs.y_train, inputs.teacher_logits(), calibration,
-                                 signed_activations=scheme.activation_symmetric, epochs=conf.qat_epochs,
-                                 images=conf.qat_images, lr=conf.qat_lr, temperature=inputs.temperature,
-                                 alpha=inputs.alpha, seed=inputs.seed, on_step=lambda: bar.update(1))
+        prepared = qat.prepare(model, signed_activations=scheme.activation_symmetric)
     except qat.Unsupported as exc:
         search.qat_note = f"skipped: {exc}"
         search.log(f"[quantize] QAT {search.qat_note}")
         return
+    qat_start(prepared, spec, opset, calibration, scheme, method, work / "qat-start")
+    steps = conf.qat_epochs * qat.steps_per_epoch(conf.qat_images, len(inputs.y_train))
+    with progress(None, "QAT", length=steps) as bar:
+        qat.finetune(prepared, inputs.x_train, inputs.y_train, inputs.teacher_logits(), epochs=conf.qat_epochs,
+                     images=conf.qat_images, lr=conf.qat_lr, scale_lr=conf.qat_scale_lr,
+                     temperature=inputs.temperature, alpha=inputs.alpha, seed=inputs.seed,
+                     on_step=lambda: bar.update(1))
     seconds = time.perf_counter() - began
-    tuned_path = work / "qat.fp32.onnx"
-    export_onnx(tuned, spec, opset, tuned_path)
-    (work / "qat").mkdir()
-    folded = Quantizer(tuned_path, work / "qat", calibration, scheme).quantize(work / "qat.int8.onnx", method)
+    folded = qat_export(prepared, spec, opset, calibration, scheme, method, work / "qat", work / "qat.int8.onnx")
     search.judge_try(work / "qat.int8.onnx", "qat", method, [], input_fold=folded, qat_seconds=round(seconds, 1),
-                     qat_epochs=conf.qat_epochs, qat_images=images, qat_lr=conf.qat_lr)
+                     qat_epochs=conf.qat_epochs, qat_images=images, qat_lr=conf.qat_lr,
+                     qat_scale_lr=conf.qat_scale_lr)
     search.qat_note = "ran"
+
+
+def qat_start(prepared: torch.nn.Module, spec: dict, opset: int, calibration: torch.Tensor, scheme: schemes.Scheme,
+              method: str, workdir: Path) -> Quantizer:
+    """Set a QAT-prepared model's input quantizers to what PTQ of it with `method` uses: the calibrated ranges,
+    and for the input, where the normalisation gets folded (inputfold), the exact pixel grid, kept fixed.
+    Returns the Quantizer of its float model (in `workdir`)."""
+    from . import qat
+
+    start = qat_quantizer(prepared, spec, opset, calibration, scheme, workdir)
+    folded = start.input_fold(method)  # calibrates, so the ranges below are cached
+    ranges = start.ranges(method)
+    tensors = qat_layer_inputs(start, prepared)
+    qat.set_input_ranges(prepared, {layer: ranges[tensor] for layer, tensor in tensors.items()})
+    if folded:
+        layer = next(layer for layer, tensor in tensors.items() if tensor == folded["normalized_tensor"])
+        qat.freeze_input_quant(prepared, layer, 1 / (folded["std"] * inputfold.PIXEL_LEVELS),
+                               folded["normalized_zero_point"])
+    return start
+
+
+def qat_export(prepared: torch.nn.Module, spec: dict, opset: int, calibration: torch.Tensor, scheme: schemes.Scheme,
+               method: str, workdir: Path, out_path: Path) -> dict | None:
+    """QDQ int8 model of a fine-tuned QAT-prepared one at `out_path`: each fake-quantized tensor with exactly the
+    scale and zero point it was trained with, the other activations calibrated with `method`. Returns the
+    input fold (see Quantizer.quantize)."""
+    from . import qat
+
+    tuned = qat_quantizer(prepared, spec, opset, calibration, scheme, workdir)
+    trained = qat.input_quant_params(prepared)
+    return tuned.quantize(out_path, method, fixed={tensor: trained[layer]
+                                                   for layer, tensor in qat_layer_inputs(tuned, prepared).items()})
+
+
+def qat_quantizer(prepared: torch.nn.Module, spec: dict, opset: int, calibration: torch.Tensor,
+                  scheme: schemes.Scheme, workdir: Path) -> Quantizer:
+    """A Quantizer (in `workdir`) of the float model a QAT-prepared one simulates."""
+    from . import qat
+
+    workdir.mkdir()
+    export_onnx(qat.float_copy(prepared), spec, opset, workdir / "float.onnx")
+    return Quantizer(workdir / "float.onnx", workdir, calibration, scheme)
+
+
+def qat_layer_inputs(quantizer: Quantizer, prepared: torch.nn.Module) -> dict[str, str]:
+    """{QAT layer: the ONNX tensor its fake-quantized input is}."""
+    from . import qat
+
+    return quantizer.layer_inputs({name: layer.layer.weight.detach().numpy()
+                                   for name, layer in qat.layers(prepared).items()})
 
 
 STAGE = Stage("quantize", run, inputs)
