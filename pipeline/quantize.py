@@ -75,6 +75,9 @@ class CalibrationReader:
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# ops whose quantized output ORT gives their input's scale and zero point (its QDQDirect8BitOp family)
+SHARED_QUANTIZATION_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "AveragePool", "MaxPool",
+                           "Slice", "TopK")
 ARTIFACT_NAMES = {"int8": "student.int8.onnx", "fp16": "student.fp16.onnx", "fp32": "student.fp32.onnx"}
 
 
@@ -204,11 +207,14 @@ class Quantizer:
         return {name: (float(np.min(t.range_value[0])), float(np.max(t.range_value[1]))) for name, t in data.items()}
 
     def layer_inputs(self, weights: dict[str, np.ndarray]) -> dict[str, str]:
-        """{layer: name of its input tensor in the prepared model} for layers given by their weights
-        ({layer: weight array}), found by the weighted node whose weight initializer equals it. Matching by value
-        holds whatever names the exporter gave (the weights are the layers' own, exported unchanged)."""
+        """{layer: the activation tensor whose quantization parameters its input gets in the prepared model} for
+        layers given by their weights ({layer: weight array}), found by the weighted node whose weight initializer
+        equals it: matching by value holds whatever names the exporter gave (the weights are the layers' own,
+        exported unchanged). From that node's input it walks back through the ops ORT quantizes with their input's
+        parameters (Flatten, Reshape, pooling, ...), since an override only counts on the tensor they come from."""
         graph = onnx.load(str(self.prepared)).graph
         initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        producer = {out: node for node in graph.node for out in node.output}
         found = {}
         for node in graph.node:
             weight = initializers.get(node.input[1]) if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else None
@@ -217,7 +223,10 @@ class Quantizer:
             candidates = [name for name, w in weights.items() if w.shape == weight.shape and np.array_equal(w, weight)
                           or w.T.shape == weight.shape and np.array_equal(w.T, weight)]
             if len(candidates) == 1:
-                found[candidates[0]] = node.input[0]
+                tensor = node.input[0]
+                while tensor in producer and producer[tensor].op_type in SHARED_QUANTIZATION_OPS:
+                    tensor = producer[tensor].input[0]
+                found[candidates[0]] = tensor
         missing = sorted(set(weights) - set(found))
         if missing:
             raise StageFailed(f"{self.prepared.name}: no weighted node with the weights of {', '.join(missing[:3])}")

@@ -319,25 +319,96 @@ def test_fallback_keeps_the_outlier_layer_in_float_and_meets_the_budget(tmp_path
     assert final["drop_vs_fp32_pt"] <= 0.3 < first["drop_vs_fp32_pt"]
 
 
-def test_qat_prepares_fake_quant_layers_and_strips_back_to_float(fashion, calib):
+def test_qat_prepares_fake_quant_layers_and_strips_back_to_float(fashion):
     from edgecompress import qat
 
     model = small_model()
     x = data.to_float(fashion.x_eval[:64])
     prepared = qat.prepare(model, signed_activations=False)
-    layers = [m for m in prepared.modules() if isinstance(m, qat.FakeQuantLayer)]
+    layers = qat.layers(prepared)
     assert len(layers) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())  # folded, as ONNX export does
+    # a block's conv1 and its shortcut read one tensor, which the int8 model quantizes once: one shared quantizer
+    assert layers["net.stages.1.0.conv1"].input_quant is layers["net.stages.1.0.shortcut.0"].input_quant
     with torch.no_grad():
-        observed = prepared(x)  # observing: no rounding yet, the folded network computes the same function
-        torch.testing.assert_close(observed, model(x), rtol=1e-2, atol=5e-3)
-        for m in prepared.modules():
-            if isinstance(m, qat.ActivationFakeQuant):
-                m.learn()
+        folded = qat.float_copy(prepared)
+        assert not any(isinstance(m, (qat.FakeQuantLayer, qat.ActivationFakeQuant)) for m in folded.modules())
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-2, atol=5e-3)
+        qat.set_input_ranges(prepared, {name: (0.0, 4.0) if name != "net.stem.0" else (-1.0, 3.0)
+                                        for name in layers})
         rounded = prepared(x)
-    assert not torch.equal(rounded, observed)
-    assert (rounded.argmax(1) == observed.argmax(1)).float().mean() > 0.8
-    tuned = qat.finetune(model, fashion.x_train[:512], fashion.y_train[:512], torch.zeros(512, 10), calib,
-                         signed_activations=False, epochs=1, images=256, lr=1e-4, temperature=4.0, alpha=0.5, seed=0)
-    assert not any(isinstance(m, (qat.FakeQuantLayer, qat.ActivationFakeQuant)) for m in tuned.modules())
-    assert tuned(x).shape == (64, 10)
+    assert not torch.equal(rounded, folded(x))
+    assert (rounded.argmax(1) == folded(x).argmax(1)).float().mean() > 0.8
+    # ONNX Runtime's scale and zero point for a uint8 range: s = (high - low) / 255, z = round(-low / s)
+    scale, zero = qat.input_quant_params(prepared)["net.stem.0"]
+    assert scale == pytest.approx(4.0 / 255) and zero == round(1.0 / (4.0 / 255))
+
+
+def _activation_quant_params(path) -> dict[str, tuple[float, int]]:
+    """{tensor: (scale, zero point)} of every QuantizeLinear of an activation in a QDQ model."""
+    graph = onnx.load(str(path)).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return {n.input[0]: (float(values[n.input[1]]), int(values[n.input[2]])) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in values}
+
+
+@pytest.mark.parametrize("target", [X86, TENSORRT], ids=["x86", "tensorrt"])
+def test_qat_artifact_quantizes_with_the_trained_ranges(tmp_path, fashion, calib, target):
+    """QAT starts from the ranges the chosen calibration finds, trains the step sizes, and the exported QDQ
+    model quantizes each fake-quantized tensor with exactly the trained scale and zero point, so it computes
+    what QAT trained (not fresh calibration the network never saw)."""
+    from edgecompress import qat, quantize
+
+    scheme = schemes.for_target(target)
+    prepared = qat.prepare(small_model(), signed_activations=scheme.activation_symmetric)
+    start = quantize.qat_quantizer(prepared, SPEC, 17, calib, scheme, tmp_path / "start")
+    inputs = quantize.qat_layer_inputs(start, prepared)
+    assert set(inputs) == set(qat.layers(prepared))
+    ranges = start.ranges("percentile")
+    qat.set_input_ranges(prepared, {layer: ranges[tensor] for layer, tensor in inputs.items()})
+    start.quantize(tmp_path / "ptq.onnx", "percentile")
+    ptq = _activation_quant_params(tmp_path / "ptq.onnx")
+    before = qat.input_quant_params(prepared)
+    for layer, tensor in inputs.items():  # the same quantization the PTQ model uses
+        assert before[layer][0] == pytest.approx(ptq[tensor][0], rel=1e-5) and before[layer][1] == ptq[tensor][1]
+
+    qat.finetune(prepared, fashion.x_train[:512], fashion.y_train[:512], torch.zeros(512, 10), epochs=1,
+                 images=512, lr=1e-4, scale_lr=5e-2, temperature=4.0, alpha=0.5, seed=0)
+    trained = qat.input_quant_params(prepared)
+    assert any(abs(trained[k][0] / before[k][0] - 1) > 0.01 for k in trained)  # the step sizes moved
+    tuned = quantize.qat_quantizer(prepared, SPEC, 17, calib, scheme, tmp_path / "tuned")
+    fixed = {tensor: trained[layer] for layer, tensor in quantize.qat_layer_inputs(tuned, prepared).items()}
+    tuned.quantize(tmp_path / "qat.onnx", "percentile", fixed=fixed)
+    exported = _activation_quant_params(tmp_path / "qat.onnx")
+    for tensor, (scale, zero) in fixed.items():
+        assert exported[tensor][0] == pytest.approx(scale, rel=1e-6) and exported[tensor][1] == zero
+    if target.runtime == "tensorrt":
+        assert check_tensorrt_qdq(tmp_path / "qat.onnx") == []
+    x = data.to_float(fashion.x_eval[:300]).numpy()
+    int8 = OrtRunner(tmp_path / "qat.onnx", 1, "ort")(x).argmax(1)
+    assert (int8 == TorchRunner(prepared, 1)(x).argmax(1)).mean() > 0.95  # the artifact runs what QAT simulated
+
+
+def test_search_qat_records_a_fully_int8_try(tmp_path, fashion, calib):
+    import contextlib
+    from types import SimpleNamespace
+
+    from edgecompress import config, quantize, sensitivity
+
+    model = small_model()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, SPEC, 17, path)
+    judge = sensitivity.Judge(path, fashion.x_eval[:200], fashion.y_eval[:200], fashion.x_train[-200:], 1,
+                              ("CPUExecutionProvider",))
+    search = quantize.Search(judge, quantize.Budget(judge.correct(path), 1.0, 0.3, 2.0), tmp_path, lambda line: None)
+    inputs = quantize.QatInputs(fashion.x_train[:512], fashion.y_train[:512], lambda: torch.zeros(512, 10), 4.0, 0.5, 0)
+    quantize.search_qat(model, SPEC, schemes.for_target(X86), "percentile", config.QuantizeConfig(qat_images=256),
+                        calib, inputs, 17, search, tmp_path,
+                        lambda *a, **k: contextlib.nullcontext(SimpleNamespace(update=lambda steps: None)))
+    (entry,) = search.tries
+    assert search.qat_note == "ran" and entry["kind"] == "qat" and entry["excluded_nodes"] == []
+    assert {"qat_seconds", "qat_scale_lr", "eval_top1", "latency_bs1_ms"} <= set(entry)
+    graph = onnx.load(str(entry["path"])).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert weighted and all(producer[n.input[0]] == "DequantizeLinear" for n in weighted)  # no layer left in float
