@@ -354,34 +354,39 @@ def _activation_quant_params(path) -> dict[str, tuple[float, int]]:
 
 @pytest.mark.parametrize("target", [X86, TENSORRT], ids=["x86", "tensorrt"])
 def test_qat_artifact_quantizes_with_the_trained_ranges(tmp_path, fashion, calib, target):
-    """QAT starts from the ranges the chosen calibration finds, trains the step sizes, and the exported QDQ
-    model quantizes each fake-quantized tensor with exactly the trained scale and zero point, so it computes
-    what QAT trained (not fresh calibration the network never saw)."""
+    """QAT starts from the quantization PTQ uses, trains the step sizes, and the exported QDQ model quantizes
+    each fake-quantized tensor with exactly the trained scale and zero point, so it computes what QAT trained
+    (not fresh calibration the network never saw)."""
     from edgecompress import qat, quantize
 
     scheme = schemes.for_target(target)
     prepared = qat.prepare(small_model(), signed_activations=scheme.activation_symmetric)
-    start = quantize.qat_quantizer(prepared, SPEC, 17, calib, scheme, tmp_path / "start")
+    start = quantize.qat_start(prepared, SPEC, 17, calib, scheme, "percentile", tmp_path / "start")
     inputs = quantize.qat_layer_inputs(start, prepared)
     assert set(inputs) == set(qat.layers(prepared))
-    ranges = start.ranges("percentile")
-    qat.set_input_ranges(prepared, {layer: ranges[tensor] for layer, tensor in inputs.items()})
-    start.quantize(tmp_path / "ptq.onnx", "percentile")
+    folded = start.quantize(tmp_path / "ptq.onnx", "percentile")
+    assert bool(folded) == (target is X86)  # x86 quantizes the raw pixels (inputfold); TensorRT cannot
+    pixels = folded["normalized_tensor"] if folded else None
     ptq = _activation_quant_params(tmp_path / "ptq.onnx")
     before = qat.input_quant_params(prepared)
     for layer, tensor in inputs.items():  # the same quantization the PTQ model uses
-        assert before[layer][0] == pytest.approx(ptq[tensor][0], rel=1e-5) and before[layer][1] == ptq[tensor][1]
+        if tensor == pixels:  # folded: raw pixels at 1/255, so the normalised input's grid is std * 255 finer
+            assert ptq["input"] == (pytest.approx(1 / 255), 0)
+            assert before[layer] == (pytest.approx(1 / (folded["std"] * 255)), folded["normalized_zero_point"])
+        else:
+            assert before[layer][0] == pytest.approx(ptq[tensor][0], rel=1e-5) and before[layer][1] == ptq[tensor][1]
 
     qat.finetune(prepared, fashion.x_train[:512], fashion.y_train[:512], torch.zeros(512, 10), epochs=1,
                  images=512, lr=1e-4, scale_lr=5e-2, temperature=4.0, alpha=0.5, seed=0)
     trained = qat.input_quant_params(prepared)
-    assert any(abs(trained[k][0] / before[k][0] - 1) > 0.01 for k in trained)  # the step sizes moved
-    tuned = quantize.qat_quantizer(prepared, SPEC, 17, calib, scheme, tmp_path / "tuned")
-    fixed = {tensor: trained[layer] for layer, tensor in quantize.qat_layer_inputs(tuned, prepared).items()}
-    tuned.quantize(tmp_path / "qat.onnx", "percentile", fixed=fixed)
+    assert any(abs(trained[k][0] / before[k][0] - 1) > 0.01 for k in trained)  # the step sizes moved ...
+    assert all(trained[layer] == before[layer] for layer, tensor in inputs.items() if tensor == pixels)  # not this
+    quantize.qat_export(prepared, SPEC, 17, calib, scheme, "percentile", tmp_path / "tuned", tmp_path / "qat.onnx")
     exported = _activation_quant_params(tmp_path / "qat.onnx")
-    for tensor, (scale, zero) in fixed.items():
-        assert exported[tensor][0] == pytest.approx(scale, rel=1e-6) and exported[tensor][1] == zero
+    for layer, tensor in inputs.items():
+        if tensor != pixels:
+            assert exported[tensor][0] == pytest.approx(trained[layer][0], rel=1e-6)
+            assert exported[tensor][1] == trained[layer][1]
     if target.runtime == "tensorrt":
         assert check_tensorrt_qdq(tmp_path / "qat.onnx") == []
     x = data.to_float(fashion.x_eval[:300]).numpy()
