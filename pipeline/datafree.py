@@ -317,15 +317,11 @@ def train_student(distiller: DataFree, teacher: nn.Module, images: torch.Tensor,
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
     history, start = [], 0
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("key") == key:
-            student.load_state_dict(ckpt["student"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            gen.set_state(ckpt["generator"])
-            history, start = ckpt["history"], ckpt["epoch"]
-            log(f"[distill] resuming after epoch {start}/{schedule.epochs}")
+    ckpt = distillers.restore_checkpoint(ckpt_path, key, {"student": student, "optimizer": opt, "scheduler": sched,
+                                                         "generator": gen})
+    if ckpt:
+        history, start = ckpt["history"], ckpt["epoch"]
+        log(f"[distill] resuming after epoch {start}/{schedule.epochs}")
     pixels = images.float() / 255
     for epoch in range(start, schedule.epochs):
         student.train()

@@ -372,16 +372,12 @@ def run(ctx: RunContext) -> Path:
     gen = torch.Generator().manual_seed(seed)
     history, start_epoch = [], 0
     ckpt_path, key = out_dir / "last.ckpt", digest(inputs(ctx))
-    if ckpt_path.is_file() and not ctx.force:  # --force means from scratch
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("key") == key:
-            distiller.load_state_dict(ckpt["distiller"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            gen.set_state(ckpt["generator"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            history, start_epoch = ckpt["history"], ckpt["epoch"]
-            ctx.log(f"[distill] resuming after epoch {start_epoch}/{conf.epochs}")
+    ckpt = None if ctx.force else distillers.restore_checkpoint(  # --force means from scratch
+        ckpt_path, key, {"distiller": distiller, "optimizer": opt, "scheduler": sched, "generator": gen})
+    if ckpt:
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        ctx.log(f"[distill] resuming after epoch {start_epoch}/{conf.epochs}")
     dist.barrier()  # no rank may overwrite last.ckpt before every rank has read it
 
     def amp():

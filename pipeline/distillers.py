@@ -702,5 +702,22 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, epoch:
     sched.step()
 
 
+def restore_checkpoint(path: Path, key: str, states: dict) -> dict | None:
+    """Load each object in `states` (anything with load_state_dict, or a torch.Generator) from the trainer's
+    checkpoint at `path` when it was written under `key`; returns the checkpoint, or None when there is none for
+    this key (other settings or data), so the trainer starts over."""
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("key") != key:
+        return None
+    for name, state in states.items():
+        if isinstance(state, torch.Generator):
+            state.set_state(ckpt[name])
+        else:
+            state.load_state_dict(ckpt[name])
+    return ckpt
+
+
 from . import datafree  # noqa: E402,F401  (registers the data-free method, which lives in its own module)
 
