@@ -6,7 +6,7 @@ is printed and recorded), on the 10,000 Fashion-MNIST test images:
     per-tensor, MinMax), calibrated on the same 512 stratified training images;
   - "ours": the x86-cpu scheme (uint8 activations, int8 per-channel weights), calibration "auto" (MinMax, Entropy,
     Percentile, best probe SQNR), then the sensitivity fallback and QAT while the 0.3-point budget is missed.
-Plus two constructed cases on the default student (resnet_slim_150): one channel blown up 100x after a BatchNorm
+Plus two constructed cases on the default student (the distill config's): one channel blown up 100x after a BatchNorm
 and compensated in the next conv (the hard case for the fallback), and the same in all three stages with at
 most one node kept in float (the case for QAT); and the x86 latency of uint8 against int8 activations.
 
@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnxruntime
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +40,7 @@ from edgecompress.runners import TorchRunner, predict
 
 RESULTS = Path(__file__).parent / "results"
 TEACHERS = ("resnet18", "resnet18_half")
-DEFAULT_STUDENT = "resnet_slim_150"
+DEFAULT_STUDENT = cfg.DistillConfig().student
 
 
 def train_student(name: str, fm: data.Dataset, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
