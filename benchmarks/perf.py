@@ -34,7 +34,6 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecompress import config as cfg
 from edgecompress import data as datasets
 from edgecompress import files, quantize
-from edgecompress.models import count_params
 from edgecompress.models.loaders import build_model
 from edgecompress.runner import RunContext, open_run
 from edgecompress.runners import OrtRunner, TorchRunner
