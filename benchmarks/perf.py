@@ -50,6 +50,22 @@ def p50_ms(make_runner, images: torch.Tensor, batch: int, progress, seconds: flo
     return float(np.median(np.concatenate(sessions)))
 
 
+def interleaved(make_slow, make_fast, images: torch.Tensor, batch: int, progress, rounds: int = 6,
+                seconds: float = 1.0) -> dict:
+    """Fresh sessions of two models in turn (slow, fast, slow, fast, ...), so both meet the same state of the
+    machine: a session's speed mode lasts minutes here, and two models timed minutes apart can differ by 30%
+    from that alone. Returns each one's median of session medians and their ratio."""
+    medians: dict[str, list[float]] = {"slow": [], "fast": []}
+    for _ in range(rounds):
+        for name, make in (("slow", make_slow), ("fast", make_fast)):
+            [times] = time_runs(make, images, batch, warmup=10, runs=30 if batch > 1 else 300, min_seconds=seconds,
+                                progress=progress, sessions=1)
+            medians[name].append(round(float(np.median(times)), 4))
+    slow, fast = float(np.median(medians["slow"])), float(np.median(medians["fast"]))
+    return {"batch": batch, "slow_ms": round(slow, 4), "fast_ms": round(fast, 4), "ratio": round(slow / fast, 2),
+            "session_medians_ms": medians}
+
+
 # --- multiply-accumulates of an ONNX graph ---------------------------------------------------------------------
 
 def macs_per_image(path: Path) -> int:
@@ -168,6 +184,13 @@ def run_inference(run_dir: Path, peaks: dict) -> list[dict]:
                                  "gops": round(gops, 2), "pct_of_peak": round(100 * gops / peak, 1) if peak else None})
                     print(f"  {name:8} {runtime:17} {threads}t bs{batch:<3} {ms:9.3f} ms  {ips:9.1f} img/s  "
                           f"{gops:7.2f} GOP/s", flush=True)
+        for batch in (1, 64):  # the int8-vs-fp32 ratio once more, its two models timed in alternating sessions
+            pair = interleaved(lambda: OrtRunner(student_fp32, 1, "onnxruntime-fp32"),
+                               lambda: OrtRunner(artifact, 1, "onnxruntime-int8"), ds.x_eval, batch,
+                               lambda n: ctx.progress(None, "interleaved", n))
+            rows.append({"model": "student fp32 vs artifact int8, interleaved", "threads": 1, **pair})
+            print(f"  interleaved bs{batch}: fp32 {pair['slow_ms']} ms, int8 {pair['fast_ms']} ms, {pair['ratio']}x",
+                  flush=True)
     return rows
 
 
@@ -232,7 +255,16 @@ def markdown(result: dict) -> str:
         lines += ["## Inference", "", "| model | runtime | threads | batch | p50 ms | images/s | GOP/s | % of peak |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['runtime']} | {r['threads']} | {r['batch']} | {r['p50_ms']} | "
-                  f"{r['images_per_s']} | {r['gops']} | {r['pct_of_peak']} |" for r in result["inference"]]
+                  f"{r['images_per_s']} | {r['gops']} | {r['pct_of_peak']} |" for r in result["inference"]
+                  if "runtime" in r]
+        pairs = [r for r in result["inference"] if "ratio" in r]
+        if pairs:
+            lines += ["", "Student fp32 vs int8 artifact, 1 thread, in alternating fresh sessions (medians of 6 "
+                      "sessions each):", "", "| batch | fp32 ms | int8 ms | x faster | session medians fp32 / int8 |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['batch']} | {r['slow_ms']} | {r['fast_ms']} | {r['ratio']} | "
+                      f"{', '.join(map(str, r['session_medians_ms']['slow']))} / "
+                      f"{', '.join(map(str, r['session_medians_ms']['fast']))} |" for r in pairs]
         lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in result["ratios"].items()]
         lines.append("")
     if "distill" in result:
@@ -244,8 +276,10 @@ def markdown(result: dict) -> str:
 
 def ratios(rows: list[dict], peaks: dict) -> dict:
     def ms(model, runtime, threads, batch):
-        return next(r["p50_ms"] for r in rows if (r["model"], r["runtime"], r["threads"], r["batch"]) ==
+        return next(r["p50_ms"] for r in rows if (r["model"], r.get("runtime"), r["threads"], r["batch"]) ==
                     (model, runtime, threads, batch))
+
+    pairs = {r["batch"]: r["ratio"] for r in rows if "ratio" in r}
     artifact_bs64 = next(r for r in rows if r["model"] == "artifact" and r["threads"] == 1 and r["batch"] == 64)
     return {"artifact vs teacher torch eager, bs1 1 thread (x faster)":
             round(ms("teacher", "torch-eager-fp32", 1, 1) / ms("artifact", "onnxruntime-int8", 1, 1), 1),
@@ -253,6 +287,7 @@ def ratios(rows: list[dict], peaks: dict) -> dict:
             round(ms("student", "onnxruntime-fp32", 1, 1) / ms("artifact", "onnxruntime-int8", 1, 1), 2),
             "artifact int8 vs student fp32 in ORT, bs64 1 thread (x faster)":
             round(ms("student", "onnxruntime-fp32", 1, 64) / ms("artifact", "onnxruntime-int8", 1, 64), 2),
+            "the same, interleaved sessions, bs1 / bs64 (x faster)": f"{pairs.get(1)} / {pairs.get(64)}",
             "artifact bs64 1 thread, % of the u8s8 MatMulInteger peak": artifact_bs64["pct_of_peak"],
             # what int8 could gain at most over this fp32 student: the u8s8 peak against the fp32 student's own rate
             "ceiling of int8 vs student fp32, bs64 1 thread (u8s8 peak / fp32 student GOP/s)":
