@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgecompress.targets import OnnxRuntimeOptions
+
 from . import data as datasets
 
 
@@ -41,14 +43,13 @@ def ort_session_options(threads: int, settings=None):
     graph optimisation, spinning allowed: ONNX Runtime's own defaults)."""
     import onnxruntime as ort
 
-    level = settings.graph_optimization_level if settings else "all"
+    settings = settings or OnnxRuntimeOptions()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
-    opts.add_session_config_entry("session.intra_op.allow_spinning",
-                                  "0" if settings and not settings.allow_spinning else "1")
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[settings.graph_optimization_level])
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
     opts.log_severity_level = 3
     return opts
 
@@ -57,10 +58,11 @@ def ort_settings_record(threads: int, providers: list[str], settings=None) -> di
     """What a session made by ort_session_options runs with, for reports."""
     import onnxruntime as ort
 
+    settings = settings or OnnxRuntimeOptions()
     return {"onnxruntime": ort.__version__, "providers": list(providers), "intra_op_num_threads": threads,
             "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
-            "graph_optimization_level": ORT_LEVELS[settings.graph_optimization_level if settings else "all"],
-            "allow_spinning": bool(settings.allow_spinning) if settings else True}
+            "graph_optimization_level": ORT_LEVELS[settings.graph_optimization_level],
+            "allow_spinning": settings.allow_spinning}
 
 
 class OrtRunner:

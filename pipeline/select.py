@@ -9,6 +9,8 @@ int8 p50 fits the budget, the faster one on a tie.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import tempfile
 from pathlib import Path
@@ -64,8 +66,8 @@ def measure(ctx: RunContext, name: str, batch: int, workdir: Path) -> dict:
     else:
         artifact = fp32
     runtime = f"onnxruntime-{scheme.precision}"
-    make_runner = lambda: OrtRunner(artifact, target.threads, runtime, target.execution_providers,
-                                          target.onnxruntime)  # noqa: E731
+    make_runner = functools.partial(OrtRunner, artifact, target.threads, runtime, target.execution_providers,
+                                    target.onnxruntime)
     sessions = time_runs(make_runner, ds.x_eval, batch, ctx.config.verify.warmup_runs, TIMING_RUNS, TIMING_SECONDS,
                          lambda length: ctx.progress(None, f"timing {name}", length), TIMING_SESSIONS)
     times = np.concatenate(sessions)
