@@ -48,6 +48,7 @@ class DistillConfig:
 class QuantizeConfig:
     calibration_method: str = "minmax"  # minmax | entropy | percentile | auto (each tried, best probe SQNR kept)
     calibration_size: int = 512         # training images, stratified over classes
+    bias_correction: bool = True        # cancel the mean output shift int8 weights cause (Nagel et al. 2019)
     max_drop_vs_fp32: float = 0.3       # eval top-1 points the int8 model may lose against the fp32 student
     fallback: bool = True               # keep the most sensitive nodes in float until the budget holds
     max_float_nodes: int = 4            # at most this many weighted nodes kept in float

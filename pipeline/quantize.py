@@ -141,13 +141,113 @@ def calibration_options(method: str) -> dict:
     return {"CalibPercentile": 99.999} if method == "percentile" else {}
 
 
+BIAS_CORRECTED_OPS = ("Conv", "Gemm")
+
+
+def dequantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{node: its weights as the QDQ `model` computes with them}: for each Conv / Gemm whose weight input is a
+    DequantizeLinear of initializers, (q - zero_point) * scale, per tensor or along the DequantizeLinear's axis."""
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    found = {}
+    for node in graph.node:
+        dq = producer.get(node.input[1]) if node.op_type in BIAS_CORRECTED_OPS and len(node.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
+            continue
+        q, scale = inits[dq.input[0]], inits[dq.input[1]]
+        zero = inits[dq.input[2]] if len(dq.input) > 2 else np.zeros_like(scale)
+        if scale.ndim == 1 and q.ndim > 1:  # per channel: broadcast along the axis
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        found[node.name] = (q - zero) * scale
+    return found
+
+
+def linear_part(node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) -> torch.Tensor | None:
+    """What a Conv or Gemm computes from input `x` with `weight`, without bias and without Gemm's beta (float64);
+    None for what it does not model (Conv with auto_pad, Gemm with transA)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    x, w = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(weight)
+    if node.op_type == "Conv":
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or x.dim() not in (3, 4, 5):
+            return None
+        spatial = x.dim() - 2
+        pads = attrs.get("pads", [0] * 2 * spatial)
+        # ONNX pads are (begin of each axis..., end of each axis...); F.pad wants (begin, end) from the last axis
+        x = torch.nn.functional.pad(x, [p for axis in reversed(range(spatial)) for p in (pads[axis],
+                                                                                       pads[axis + spatial])])
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[spatial - 1]
+        return conv(x, w, None, attrs.get("strides", 1), 0, attrs.get("dilations", 1), attrs.get("group", 1))
+    if attrs.get("transA", 0):
+        return None
+    return attrs.get("alpha", 1.0) * x @ (w.T if attrs.get("transB", 0) else w)
+
+
+def bias_corrections(prepared: Path, quantized: Path, calibration: torch.Tensor, workdir: Path) -> dict[str, np.ndarray]:
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and
+    Bias Correction", sec. 4.2; Banner et al. 2019): int8 rounding of a layer's weights shifts the mean of its
+    outputs, E[W_q x] - E[W x] = E[(W_q - W) x], and the next layers see that shift as a bias. Returns, for each
+    Conv / Gemm with a bias, the change that cancels it per output channel, -E_x[((W_q - W) x)_c], with x the
+    layer's input in the fp32 model over the calibration images and W_q the weights exactly as ORT rounded them in
+    `quantized` (a QDQ model of `prepared`)."""
+    model = onnx.load(str(prepared))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    rounded = dequantized_weights(onnx.load(str(quantized)))
+    nodes = [n for n in graph.node if n.name in rounded and len(n.input) > 2 and n.input[2] in inits
+             and n.input[1] in inits]
+    if not nodes:
+        return {}
+    known = {o.name for o in graph.output}
+    for name in dict.fromkeys(n.input[0] for n in nodes):
+        if name not in known:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = workdir / "bias-correction-inputs.onnx"
+    onnx.save(model, str(probe))
+    runner = OrtRunner(probe, 1, "onnxruntime")
+    outputs = [o.name for o in runner.session.get_outputs()]
+    error = {n.name: rounded[n.name] - numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes}
+    batches = CalibrationReader(calibration).batches  # equal sizes: the mean of batch means is the mean
+    means: dict[str, np.ndarray] = {}
+    for batch in batches:
+        values = dict(zip(outputs, runner.session.run(None, {runner.input_name: batch})))
+        for node in nodes:
+            shift = linear_part(node, values[node.input[0]], error[node.name])
+            if shift is not None:
+                per_channel = shift.mean(dim=[d for d in range(shift.dim()) if d != 1]).numpy()
+                means[node.name] = means.get(node.name, 0) + per_channel / len(batches)
+    del runner
+    probe.unlink()
+    # only biases with one value per output channel (a broadcast scalar bias cannot take a per-channel shift)
+    return {name: -mean for name, mean in means.items()
+            if numpy_helper.to_array(inits[next(n for n in nodes if n.name == name).input[2]]).size == mean.size}
+
+
+def with_bias_corrections(prepared: Path, corrections: dict[str, np.ndarray], out_path: Path) -> None:
+    """`prepared` with each named node's bias changed by its correction (divided by Gemm's beta), at `out_path`."""
+    model = onnx.load(str(prepared))
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in corrections:
+            continue
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+        bias = inits[node.input[2]]
+        value = numpy_helper.to_array(bias)
+        changed = value.astype(np.float64) + corrections[node.name].reshape(value.shape) / beta
+        bias.CopyFrom(numpy_helper.from_array(changed.astype(value.dtype), bias.name))
+    onnx.save(model, str(out_path))
+
+
 class Quantizer:
     """One fp32 model prepared for ONNX Runtime once (quant_pre_process) and calibrated once per method; each
     `quantize` after that reuses the ranges (ORT's calibration_cache_path), so the fallback's tries cost one
     quantization each, not one calibration each. Files live in `workdir`, which the caller owns."""
 
     def __init__(self, fp32_path: Path, workdir: Path, calibration: torch.Tensor, scheme: schemes.Scheme,
-                 on_batch=None):
+                 on_batch=None, bias_correction: bool = False):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         check_calibration(calibration, fp32_path)
@@ -160,13 +260,36 @@ class Quantizer:
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32_path), str(self.prepared), skip_symbolic_shape=True)
         self.candidates = float_groups(self.prepared, scheme)
+        self.bias_correction = bias_correction
+        self.corrections: dict[str, dict[str, np.ndarray]] = {}  # per calibration method (see corrections_for)
 
     def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = (),
                  fixed: dict[str, tuple[float, int]] | None = None) -> dict | None:
         """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float, with the
         input normalisation folded into the input's quantization where the scheme allows it (inputfold); the
         activations named in `fixed` ({tensor: (scale, zero point)}) take those parameters instead of calibrated
-        ones (ORT's TensorQuantOverrides). Returns what was folded, or None."""
+        ones (ORT's TensorQuantOverrides). With bias_correction, the int8 nodes' biases are corrected first (see
+        corrections_for; the float nodes keep theirs). Returns what was folded, or None."""
+        source = self.prepared
+        if self.bias_correction:
+            corrections = {node: shift for node, shift in self.corrections_for(method).items() if node not in exclude}
+            source = self.workdir / "bias-corrected.onnx"
+            with_bias_corrections(self.prepared, corrections, source)
+        return self._quantize(source, out_path, method, exclude, fixed)
+
+    def corrections_for(self, method: str) -> dict[str, np.ndarray]:
+        """{node: bias change} of empirical bias correction (bias_corrections) for the weights ORT rounds when it
+        quantizes the prepared model calibrated with `method` (computed once per method; the calibrated ranges
+        stay those of the uncorrected model, so every try of a method shares them)."""
+        if method not in self.corrections:
+            with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".bias-") as tmp:
+                plain = Path(tmp) / "int8.onnx"
+                self._quantize(self.prepared, plain, method, (), None)
+                self.corrections[method] = bias_corrections(self.prepared, plain, self.calibration, Path(tmp))
+        return self.corrections[method]
+
+    def _quantize(self, source: Path, out_path: Path, method: str, exclude: list[str] | tuple[str, ...],
+                  fixed: dict[str, tuple[float, int]] | None) -> dict | None:
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         reader = None if self._cache(method).is_file() else CalibrationReader(self.calibration, on_batch=self.on_batch)
@@ -177,7 +300,7 @@ class Quantizer:
                      for name, (scale, zero) in (fixed or {}).items()}
         with files.atomic_path(out_path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_static(str(self.prepared), str(tmp), reader, quant_format=QuantFormat.QDQ,
+            quantize_static(str(source), str(tmp), reader, quant_format=QuantFormat.QDQ,
                             per_channel=scheme.per_channel, activation_type=activation,
                             weight_type=quant_types()[scheme.weight_type], calibrate_method=calibration_method(method),
                             nodes_to_exclude=list(exclude), calibration_cache_path=str(self._cache(method)),
@@ -323,6 +446,7 @@ class Search:
         self.tries: list[dict] = []
         self.ranking: list[dict] = []
         self.qat_note = "not needed"
+        self.quantizer: Quantizer | None = None  # the PTQ tries' (search_int8 sets it)
         self.fp32_latency = judge.latency(judge.fp32_path)
 
     def judge_try(self, path: Path, kind: str, method: str, excluded: list[str], **extra) -> dict:
@@ -414,6 +538,7 @@ def run(ctx: RunContext) -> Path:
         "budget": {"max_drop_vs_fp32_pt": conf.max_drop_vs_fp32, "max_drop_vs_teacher_pt": budget.max_drop_vs_teacher,
                    "teacher_reachable": budget.teacher_reachable, "met": not final["missed"]},
         "probe_images": len(probe_idx), "eval_images": len(ds.y_eval),
+        "bias_correction": bias_correction_record(search.quantizer, final["calibration"]),
         "sensitivity": search.ranking, "qat": search.qat_note, "chosen_try": final["try"],
         "excluded_nodes": final["excluded_nodes"], "tries": search.tries})
     ctx.log(f"[quantize] chose try {final['try']} ({final['kind']}): top-1 {final['eval_top1']:.4f} "
@@ -442,11 +567,14 @@ def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: sch
     then QAT; every try judged and kept in the returned Search (its models under `work`)."""
     search = Search(judge, budget, work, log)
     with progress(None, "calibration", length=-(-len(calibration) // 64)) as bar:
-        quantizer = Quantizer(fp32_path, work, calibration, scheme, on_batch=lambda: bar.update(1))
+        quantizer = Quantizer(fp32_path, work, calibration, scheme, on_batch=lambda: bar.update(1),
+                              bias_correction=conf.bias_correction)
         methods = CALIBRATION_METHODS if conf.calibration_method == "auto" else (conf.calibration_method,)
         folds = {method: quantizer.quantize(work / f"ptq-{method}.onnx", method) for method in methods}
+    search.quantizer = quantizer
     for method in methods:
-        search.judge_try(work / f"ptq-{method}.onnx", "ptq", method, [], input_fold=folds[method])
+        search.judge_try(work / f"ptq-{method}.onnx", "ptq", method, [], input_fold=folds[method],
+                         bias_corrected_nodes=corrected_nodes(quantizer, method, []))
     # with "auto", the calibration whose logits come closest to fp32 on the probe images wins
     method = max(search.tries, key=lambda t: t["probe_sqnr_db"])["calibration"]
     best = search.chosen()
@@ -459,12 +587,30 @@ def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: sch
             excluded = [name for r in search.ranking[:count] for name in r["excluded"]]
             path = work / f"fallback-{count}.onnx"
             folded = quantizer.quantize(path, method, excluded)
-            entry = search.judge_try(path, "fallback", method, excluded, input_fold=folded)
+            entry = search.judge_try(path, "fallback", method, excluded, input_fold=folded,
+                                     bias_corrected_nodes=corrected_nodes(quantizer, method, excluded))
             if not entry["missed"] or search.gave_back_half_the_speed(entry):
                 break
     if search.chosen()["missed"] and conf.qat_epochs and qat_inputs is not None:
         search_qat(model, spec, scheme, method, conf, calibration, qat_inputs, opset, search, work, progress)
     return search
+
+
+def corrected_nodes(quantizer: Quantizer, method: str, excluded: list[str]) -> list[str]:
+    """The nodes whose bias a try of `method` keeping `excluded` in float had corrected (none when it is off)."""
+    if not quantizer.bias_correction:
+        return []
+    return [node for node in quantizer.corrections_for(method) if node not in excluded]
+
+
+def bias_correction_record(quantizer: Quantizer, method: str) -> dict:
+    """calibration.json's account of bias correction for `method`: on or off, and per node the largest shift."""
+    if not quantizer.bias_correction:
+        return {"enabled": False}
+    return {"enabled": True, "method": "empirical, -E[(W_q - W) x] per output channel over the calibration "
+            "images, x the fp32 layer input (Nagel et al. 2019, sec. 4.2)",
+            "max_abs_shift": {node: round(float(np.max(np.abs(shift))), 6)
+                              for node, shift in quantizer.corrections_for(method).items()}}
 
 
 def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, method: str, conf, calibration:
@@ -493,7 +639,8 @@ def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, metho
                      on_step=lambda: bar.update(1))
     seconds = time.perf_counter() - began
     folded = qat_export(prepared, spec, opset, calibration, scheme, method, work / "qat", work / "qat.int8.onnx")
-    search.judge_try(work / "qat.int8.onnx", "qat", method, [], input_fold=folded, qat_seconds=round(seconds, 1),
+    search.judge_try(work / "qat.int8.onnx", "qat", method, [], input_fold=folded, bias_corrected_nodes=[],
+                     qat_seconds=round(seconds, 1),
                      qat_epochs=conf.qat_epochs, qat_images=images, qat_lr=conf.qat_lr,
                      qat_scale_lr=conf.qat_scale_lr)
     search.qat_note = "ran"
@@ -538,6 +685,7 @@ def qat_quantizer(prepared: torch.nn.Module, spec: dict, opset: int, calibration
 
     workdir.mkdir()
     export_onnx(qat.float_copy(prepared), spec, opset, workdir / "float.onnx")
+    # no bias correction: QAT trained its biases against the int8 weights it simulated
     return Quantizer(workdir / "float.onnx", workdir, calibration, scheme)
 
 
