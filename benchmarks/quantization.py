@@ -13,6 +13,10 @@ most one node kept in float (the case for QAT); and the x86 latency of uint8 aga
     nice -n 19 .venv/bin/python benchmarks/quantization.py [--steps 150] [--students a,b]
     nice -n 19 .venv/bin/python benchmarks/quantization.py --cases-only --default-run DIR [--train-images 10000]
 
+With --default-run DIR --seeds 0,1,2: the default run's student also under several calibration seeds, ORT's defaults
+against the stage's defaults (and the stage without bias correction), each seed drawing its own calibration and
+probe images (calibration_seeds).
+
 Writes benchmarks/results/quantization.json and .md. Latencies: batch 1, one intra-op thread, median of a quick
 timing on this (shared) host; compare within one table, not across hosts.
 """
@@ -105,6 +109,53 @@ def compare(name: str, model: torch.nn.Module, fm: data.Dataset, calibration: to
     return result
 
 
+def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], teacher_top1: float,
+                      work: Path) -> list[dict]:
+    """The default student quantized by the stage's defaults (QuantizeConfig(): MinMax, bias correction) and by
+    ORT's defaults, with the calibration images (512, stratified) and the probe images (1000 others) drawn by each
+    seed as the stage draws them; also ours without bias correction. Per seed: top-1, the images only one of ours
+    and ORT's gets right (a paired comparison), and the logits' SQNR vs fp32 on the probe images."""
+    spec = {"input_shape": [1, 28, 28], "mean": model.mean_values, "std": model.std_values, "classes": fm.classes}
+    fp32 = work / "seeds.fp32.onnx"
+    quantize.export_onnx(model, spec, 17, fp32)
+    scheme, conf = schemes.for_target(targets.load("x86-cpu")), cfg.QuantizeConfig()
+    rows = []
+    for seed in seeds:
+        calib_idx = data.stratified_sample(fm.y_train, conf.calibration_size, seed)
+        rest = torch.ones(len(fm.y_train), dtype=torch.bool)
+        rest[calib_idx] = False
+        pool = rest.nonzero().flatten()
+        probe = fm.x_train[pool[data.stratified_sample(fm.y_train[pool], conf.probe_size, seed)]]
+        judge = sensitivity.Judge(fp32, fm.x_eval, fm.y_eval, probe, 1, ("CPUExecutionProvider",))
+        fp32_correct = judge.correct(fp32)
+        budget = quantize.Budget(fp32_correct, teacher_top1, conf.max_drop_vs_fp32, 2.0)
+        default_path = work / f"seed{seed}.ort-default.onnx"
+        ort_defaults(fp32, default_path, fm.x_train[calib_idx])
+        correct = {"ort_defaults": judge.correct(default_path)}
+        sqnr = {"ort_defaults": judge.probe_sqnr(default_path)}
+        for key, bias_correction in (("ours", True), ("ours_without_bias_correction", False)):
+            folder = work / f"seed{seed}-{key}"
+            folder.mkdir()
+            search = quantize.search_int8(model, spec, fp32, scheme, dataclasses.replace(conf, bias_correction=
+                                          bias_correction), fm.x_train[calib_idx], judge, budget, 17, None, folder,
+                                          lambda *a: None, lambda *a, **k: _Quiet())
+            final = search.chosen()
+            correct[key], sqnr[key] = judge.correct(final["path"]), final["probe_sqnr_db"]
+            if key == "ours":
+                chosen = f"{final['kind']} ({final['calibration']}, {len(final['excluded_nodes'])} float nodes)"
+        row = {"seed": seed, "calibration_indices": [int(i) for i in calib_idx[:3]] + ["..."], "chosen": chosen}
+        for key, right in [("fp32", fp32_correct), *correct.items()]:
+            row[key] = {"top1": round(float(right.mean()), 4),
+                        "drop_vs_fp32_pt": round(float(fp32_correct.mean() - right.mean()) * 100, 2)}
+            if key in sqnr:
+                row[key]["probe_sqnr_db"] = round(sqnr[key], 3)
+        row["only_ours_right"] = int((correct["ours"] & ~correct["ort_defaults"]).sum())
+        row["only_ort_defaults_right"] = int((~correct["ours"] & correct["ort_defaults"]).sum())
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 class _Quiet:
     def __enter__(self):
         return self
@@ -164,7 +215,10 @@ def markdown(r: dict) -> str:
                      f"{o['drop_vs_teacher_pt']:+.2f}) | {chosen} | {f['latency_bs1_ms']:.3f} / "
                      f"{d['latency_bs1_ms']:.3f} / {o['latency_bs1_ms']:.3f} | {d['size_bytes'] / 1024:.0f} / "
                      f"{o['size_bytes'] / 1024:.0f} |")
-    lines += ["", f"Teacher ({r['teacher']}) top-1: {r['teacher_top1'] * 100:.2f}%.", "", "## Every try of the constructed cases", ""]
+    lines += ["", f"Teacher ({r['teacher']}) top-1: {r['teacher_top1'] * 100:.2f}%.", ""]
+    if r.get("calibration_seeds"):
+        lines += seeds_markdown(r["calibration_seeds"], r["eval_images"])
+    lines += ["## Every try of the constructed cases", ""]
     for s in r["cases"]:
         lines += [f"### {s['student']}", "", "| try | kind | calibration | float nodes | top-1 | drop vs fp32 (pt) | "
                   "latency (ms) |", "|---|---|---|---|---|---|---|"]
@@ -197,6 +251,33 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_markdown(rows: list[dict], eval_images: int) -> list[str]:
+    """The calibration-seed table of the default student, with the mean over seeds."""
+    keys = ("ort_defaults", "ours", "ours_without_bias_correction")
+    lines = ["## Default student: calibration seeds", "",
+             "Each seed draws the 512 calibration images (stratified) and the 1,000 probe images as the quantize stage "
+             "does; ours is the stage with its defaults (MinMax, bias correction, fallback if the budget is missed). "
+             f"Top-1 on the {eval_images} test images (drop vs fp32 in points, + = lost); probe: logits' SQNR vs "
+             "fp32 on the probe images (dB, training split); paired: test images only ours / only ORT's defaults get "
+             "right.", "",
+             "| seed | fp32 | ORT defaults | ours | ours without bias correction | paired (ours / ORT) | probe SQNR "
+             "ORT / ours / ours without BC |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[k]['top1'] * 100:.2f}% ({row[k]['drop_vs_fp32_pt']:+.2f})" for k in keys]
+        lines.append(f"| {row['seed']} | {row['fp32']['top1'] * 100:.2f}% | {' | '.join(cells)} | "
+                     f"{row['only_ours_right']} / {row['only_ort_defaults_right']} | "
+                     + " / ".join(f"{row[k]['probe_sqnr_db']:.2f}" for k in keys) + " |")
+    mean = {k: sum(row[k]["top1"] for row in rows) / len(rows) for k in ("fp32", *keys)}
+    sqnr = {k: sum(row[k]["probe_sqnr_db"] for row in rows) / len(rows) for k in keys}
+    lines.append(f"| mean | {mean['fp32'] * 100:.2f}% | "
+                 + " | ".join(f"{mean[k] * 100:.3f}% ({(mean['fp32'] - mean[k]) * 100:+.3f})" for k in keys)
+                 + f" | {sum(r['only_ours_right'] for r in rows)} / {sum(r['only_ort_defaults_right'] for r in rows)} | "
+                 + " / ".join(f"{sqnr[k]:.2f}" for k in keys) + " |")
+    wins = sum(r["ours"]["top1"] >= r["ort_defaults"]["top1"] for r in rows)
+    lines += ["", f"Ours at least as accurate as ORT's defaults on {wins} of {len(rows)} seeds.", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="KD steps of batch 128 per student")
@@ -204,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--students", default=",".join(n for n in ZOO if n not in TEACHERS))
     parser.add_argument("--default-run", type=Path, help="a run directory of `edgecompress compress` (defaults, "
                         "fashion-mnist): its distilled student is compared too and is the base of the constructed cases")
+    parser.add_argument("--seeds", default="", help="calibration seeds for the default run's student, e.g. "
+                        "0,1,2: ORT's defaults vs the stage's defaults with each seed's calibration images")
     parser.add_argument("--eval-images", type=int, default=0, help="first N test images only (0: all; for smoke runs)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
     parser.add_argument("--cases-only", action="store_true", help="rerun only the constructed cases (needs "
@@ -212,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         files.write_text(RESULTS / "quantization.md", markdown(json.loads((RESULTS / "quantization.json").read_text())))
         return 0
+    if args.seeds and not args.default_run:
+        parser.error("--seeds needs --default-run DIR (the student whose calibration seeds are compared)")
     if args.cases_only and not args.default_run:
         parser.error("--cases-only needs --default-run DIR (the student the constructed cases start from)")
     torch.set_num_threads(1)  # measured here: one thread trains 5x faster than two on this loaded 2-core host
@@ -275,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"] += [hard, qat_case]
         if not args.cases_only:
             results["activation_latency"] = activation_latency(base, fm, calibration, work)
+        if args.seeds and "default" in trained and not args.cases_only:
+            results["calibration_seeds"] = calibration_seeds(trained["default"], fm, [int(s) for s in
+                                                             args.seeds.split(",")], teacher_top1, work)
     command = "benchmarks/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.cases_only:
         cases = {"cases": results["cases"], "cases_run": {
