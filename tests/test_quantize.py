@@ -417,6 +417,7 @@ def test_search_qat_records_a_fully_int8_try(tmp_path, fashion, calib):
                         lambda *a, **k: contextlib.nullcontext(SimpleNamespace(update=lambda steps: None)))
     (entry,) = search.tries
     assert search.qat_note == "ran" and entry["kind"] == "qat" and entry["excluded_nodes"] == []
+    assert entry["bias_corrected_nodes"] == []  # QAT trained its biases against its int8 weights
     assert {"qat_seconds", "qat_scale_lr", "eval_top1", "latency_bs1_ms"} <= set(entry)
     graph = onnx.load(str(entry["path"])).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
