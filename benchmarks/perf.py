@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     files.write_json(args.out / "perf.json", result)
     text = markdown(result)
-    with files.atomic_path(args.out / "perf.md") as tmp:
-        tmp.write_text(text)
+    files.write_text(args.out / "perf.md", text)
     print("\n" + text)
     return 0
 

@@ -40,6 +40,7 @@ from edgecompress import data, files, quantize, schemes, sensitivity, targets
 from edgecompress.distillers import kd_loss
 from edgecompress.models import ZOO, Normalized, create
 from edgecompress.models.loaders import WEIGHTS_DIR, load_teacher
+from edgecompress.runner import NoBar
 from edgecompress.runners import TorchRunner, predict
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,7 +91,7 @@ def compare(name: str, model: torch.nn.Module, fm: data.Dataset, calibration: to
     (work / slug).mkdir()
     began = time.perf_counter()
     search = quantize.search_int8(model, spec, fp32, schemes.for_target(targets.load("x86-cpu")), conf, calibration,
-                                  judge, budget, 17, qat_inputs, work / slug, print, lambda *a, **k: _Quiet())
+                                  judge, budget, 17, qat_inputs, work / slug, print, lambda *a, **k: NoBar(None))
     ours_seconds = time.perf_counter() - began
     final = search.chosen()
 
@@ -138,7 +139,7 @@ def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], tea
             folder.mkdir()
             search = quantize.search_int8(model, spec, fp32, scheme, dataclasses.replace(conf, bias_correction=
                                           bias_correction), fm.x_train[calib_idx], judge, budget, 17, None, folder,
-                                          lambda *a: None, lambda *a, **k: _Quiet())
+                                          lambda *a: None, lambda *a, **k: NoBar(None))
             final = search.chosen()
             correct[key], sqnr[key] = judge.correct(final["path"]), final["probe_sqnr_db"]
             if key == "ours":
@@ -154,17 +155,6 @@ def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], tea
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
-
-
-class _Quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, steps: int) -> None:
-        pass
 
 
 def activation_latency(model: torch.nn.Module, fm: data.Dataset, calibration: torch.Tensor, work: Path) -> dict:

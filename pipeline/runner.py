@@ -108,11 +108,11 @@ class RunContext:
     def progress(self, items: Iterable | None, label: str, length: int | None = None):
         """A progress bar on stderr, or the bare iterable when quiet or not on a terminal."""
         if self.quiet or not sys.stderr.isatty():
-            return _NoBar(items)
+            return NoBar(items)
         return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
 
 
-class _NoBar:
+class NoBar:
     """click.progressbar's interface, showing nothing."""
 
     def __init__(self, items):

@@ -15,7 +15,7 @@ from edgecompress.cli import main
 from edgecompress.config import RunConfig
 from edgecompress.errors import BadInput
 from edgecompress.models.loaders import load_teacher, load_factory
-from edgecompress.runner import RunContext, _NoBar, run_stage
+from edgecompress.runner import NoBar, RunContext, run_stage
 
 from conftest import write_factory
 
@@ -23,7 +23,7 @@ TINY = {"images": 20, "batch": 10, "iterations": 3}  # seconds, not minutes: tes
 
 
 def no_bar(items, label, length=None):
-    return _NoBar(items)
+    return NoBar(items)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
