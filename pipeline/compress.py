@@ -36,7 +36,9 @@ def compress(ctx: RunContext) -> dict:
 
 
 def run_one(ctx: RunContext, name: str) -> Path:
-    """One stage against an existing run directory; its upstream stage must be finished."""
+    """One stage against an existing run directory; its upstream stage must be finished. run.toml is written
+    again first, so it names every setting the stage ran with (keys a newer edgecompress added, at their
+    defaults) and the versions that ran it."""
     all_stages = stages(ctx)
     position = STAGE_NAMES.index(name)
     if position > 0:
@@ -44,4 +46,5 @@ def run_one(ctx: RunContext, name: str) -> Path:
         if not is_done(ctx, upstream):
             raise BadInput(f"stage {name} needs {upstream.name} finished and up to date in {ctx.out}: "
                            f"run `edgecompress {STAGE_NAMES[position - 1]} {ctx.out}` first")
+    write_run_toml(ctx)
     return run_stage(ctx, all_stages[name])

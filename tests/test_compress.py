@@ -1,16 +1,18 @@
 """End-to-end runs of `edgecompress compress` on small real Fashion-MNIST subsets."""
 import json
+import shutil
 from pathlib import Path
 
 import onnx
 import pytest
 from PIL import Image
 
+from edgecompress import config as cfg
 from edgecompress import data
 from edgecompress.cli import main
 from edgecompress.models.loaders import WEIGHTS_DIR
 
-from testkit import config_file, lenient_target, subset_npz
+from testkit import config_file, lenient_target, small_run_dir, subset_npz
 
 SHIPPED_TEACHER = WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
 
@@ -18,6 +20,29 @@ SHIPPED_TEACHER = WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
 @pytest.fixture(scope="module")
 def fashion():
     return data.load("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
+    return small_run_dir(tmp_path_factory, fashion_raw, teacher_spec)
+
+
+def test_a_stage_command_rewrites_run_toml_with_every_setting_and_the_versions_that_ran(small_run, tmp_path):
+    """A run directory from an older edgecompress lacks the keys added since (here quantize.bias_correction)
+    and names older versions: a one-stage command writes run.toml again, same settings, every key named."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    before = cfg.read_toml(run / "run.toml")
+    old = (run / "run.toml").read_text()
+    assert "bias_correction = " in old and before["versions"]["torch"] != "0.0"
+    older = "\n".join(line for line in old.splitlines() if not line.startswith("bias_correction"))
+    (run / "run.toml").write_text(older.replace(f'torch = "{before["versions"]["torch"]}"', 'torch = "0.0"'))
+    assert "bias_correction" not in cfg.read_toml(run / "run.toml")["quantize"]
+
+    assert main(["export", str(run), "--quiet"]) == 0
+
+    after = cfg.read_toml(run / "run.toml")
+    assert after["quantize"]["bias_correction"] is True and after["versions"]["torch"] == before["versions"]["torch"]
+    assert cfg.from_dict(after, "after") == cfg.from_dict(before, "before")
 
 
 def quant_activation_types(model_path: Path) -> set[int]:
