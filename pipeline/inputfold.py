@@ -84,12 +84,12 @@ def fold_input_normalization(model: onnx.ModelProto) -> dict | None:
     for node in (sub, q_sub, dq_sub, mul, q_mul):
         graph.node.remove(node)
     graph.node.insert(position, quantize)
-    _drop_unused(graph)
+    drop_unused(graph)
     return {"mean": mean_value, "std": 1.0 / inv_std_value, "input_scale": 1.0 / PIXEL_LEVELS,
             "normalized_zero_point": zero_point, "normalized_tensor": mul.output[0]}
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
+def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing reads any more (the DequantizeLinear of inv_std, the mean)."""
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}

@@ -241,6 +241,42 @@ def with_bias_corrections(prepared: Path, corrections: dict[str, np.ndarray], ou
     onnx.save(model, str(out_path))
 
 
+def float_outputs(model: onnx.ModelProto) -> list[str]:
+    """Drop the QuantizeLinear -> DequantizeLinear pair between a Gemm and a graph output, in place, and return
+    the outputs so kept in float. quantize_static quantizes the logits too; that only adds rounding: at 8 bits
+    two top logits can become equal (18 of the 10,000 Fashion-MNIST test images with the default student) and
+    argmax then picks the lower class. ONNX Runtime still runs the Gemm as an int8 QGemm, with float output, one
+    operator fewer. Only Gemm: a Conv feeding an output has no int8 kernel with float output in ORT's CPU
+    provider, so it would fall back to float."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    kept = []
+    for output in graph.output:
+        dq = producer.get(output.name)
+        q = dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0])
+        gemm = q and q.op_type == "QuantizeLinear" and readers.get(q.output[0]) == 1 and producer.get(q.input[0])
+        if not gemm or gemm.op_type != "Gemm" or readers.get(gemm.output[0]) != 1:
+            continue
+        gemm.output[0] = output.name
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        kept.append(output.name)
+    if kept:
+        inputfold.drop_unused(graph)
+    return kept
+
+
+def float_output_names(model_path: Path) -> list[str]:
+    """The graph outputs of a QDQ model that no DequantizeLinear produces (computed in float)."""
+    graph = onnx.load(str(model_path)).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    return [o.name for o in graph.output if producer.get(o.name) != "DequantizeLinear"]
+
+
 class Quantizer:
     """One fp32 model prepared for ONNX Runtime once (quant_pre_process) and calibrated once per method; each
     `quantize` after that reuses the ranges (ORT's calibration_cache_path), so the fallback's tries cost one
@@ -266,8 +302,8 @@ class Quantizer:
     def quantize(self, out_path: Path, method: str, exclude: list[str] | tuple[str, ...] = (),
                  fixed: dict[str, tuple[float, int]] | None = None) -> dict | None:
         """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float, with the
-        input normalisation folded into the input's quantization where the scheme allows it (inputfold); the
-        activations named in `fixed` ({tensor: (scale, zero point)}) take those parameters instead of calibrated
+        input normalisation folded into the input's quantization where the scheme allows it (inputfold) and the
+        logits of a final Gemm left in float (float_outputs); the activations named in `fixed` ({tensor: (scale, zero point)}) take those parameters instead of calibrated
         ones (ORT's TensorQuantOverrides). With bias_correction, the int8 nodes' biases are corrected first (see
         corrections_for; the float nodes keep theirs). Returns what was folded, or None."""
         source = self.prepared
@@ -308,6 +344,7 @@ class Quantizer:
                             | ({"TensorQuantOverrides": overrides} if overrides else {}))
             proto = onnx.load(str(tmp))
             folded = inputfold.fold_input_normalization(proto)
+            float_outputs(proto)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
         return folded
@@ -540,7 +577,8 @@ def run(ctx: RunContext) -> Path:
         "probe_images": len(probe_idx), "eval_images": len(ds.y_eval),
         "bias_correction": bias_correction_record(search.quantizer, final["calibration"]),
         "sensitivity": search.ranking, "qat": search.qat_note, "chosen_try": final["try"],
-        "excluded_nodes": final["excluded_nodes"], "tries": search.tries})
+        "excluded_nodes": final["excluded_nodes"], "float_outputs": float_output_names(artifact),
+        "tries": search.tries})
     ctx.log(f"[quantize] chose try {final['try']} ({final['kind']}): top-1 {final['eval_top1']:.4f} "
             f"({final['drop_vs_fp32_pt']:+.2f} pt vs fp32), {len(final['excluded_nodes'])} nodes in float"
             f"{'' if not final['missed'] else '; budget missed: ' + final['missed'][0]}")

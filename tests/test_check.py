@@ -80,7 +80,7 @@ def test_the_fp32_models_size_and_latency_where_the_artifact_was_is_a_regression
     assert "REGRESSION: artifact is 1.00x smaller than its fp32 student" in out
     swapped["artifact"]["format"] = fp32["format"]  # what verify reads from an fp32 graph
     code, out, _ = run_check(capsys, write(tmp_path / "new.json", swapped), old)
-    assert code == 1 and "REGRESSION: artifact format changed: onnx-qdq-int8 -> onnx-fp32" in out
+    assert code == 1 and "REGRESSION: artifact format changed: onnx-int8 -> onnx-fp32" in out
 
     grown = copy.deepcopy(baseline)  # growth alone is enough, even when the fp32 student grew alike
     for name in ("student_fp32", "artifact"):
@@ -113,7 +113,7 @@ def test_a_real_fp32_model_in_the_artifacts_place_is_caught_and_a_real_unchanged
     assert report["artifact"]["format"] == "onnx-fp32" and report["artifact"]["runtime"] == "onnxruntime-fp32"
     code, out, _ = run_check(capsys, swapped / "verify" / "report.json", baseline_report)
     assert code == 1
-    assert "REGRESSION: artifact format changed: onnx-qdq-int8 -> onnx-fp32" in out
+    assert "REGRESSION: artifact format changed: onnx-int8 -> onnx-fp32" in out
 
 
 def latency_report(baseline: dict, p50: float, interval: tuple[float, float] | None, fastest: float = 0.95) -> dict:

@@ -11,7 +11,8 @@ from edgecompress import data, schemes, targets
 from edgecompress.errors import BadInput
 from edgecompress.models import Normalized, create
 from edgecompress.qdq_check import check_tensorrt_qdq
-from edgecompress.quantize import convert_fp16, export_onnx, quantize_qdq
+from edgecompress.kernels import optimized_graph
+from edgecompress.quantize import convert_fp16, export_onnx, float_output_names, quantize_qdq
 from edgecompress.runners import OrtRunner, TorchRunner, predict
 
 from edgecompress.models.loaders import WEIGHTS_DIR
@@ -75,6 +76,11 @@ def test_x86_scheme_gives_uint8_activations_and_per_channel_int8_weights(tmp_pat
     assert weight_dq, "conv weights should be stored as int8"
     assert all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)  # per channel
     assert not [p for p in tmp_path.iterdir() if p.name != "m.int8.onnx"]  # no temp files left
+    # the logits stay float (no Q/DQ rounding them), and ORT still runs the final Gemm as an int8 QGemm
+    logits = graph.output[0].name
+    assert [n.op_type for n in graph.node if logits in n.output] == ["Gemm"]
+    assert float_output_names(int8) == [logits]
+    assert [n.op_type for n in optimized_graph(int8).node if logits in n.output] == ["QGemm"]
     # uint8 activations break TensorRT's rules: the checker says so
     assert any("uint8" in v for v in check_tensorrt_qdq(int8))
 
