@@ -5,6 +5,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -186,7 +187,8 @@ def linear_part(node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) -> torc
     return attrs.get("alpha", 1.0) * x @ (w.T if attrs.get("transB", 0) else w)
 
 
-def bias_corrections(prepared: Path, quantized: Path, calibration: torch.Tensor, workdir: Path) -> dict[str, np.ndarray]:
+def bias_corrections(prepared: Path, quantized: Path, calibration: torch.Tensor,
+                     workdir: Path) -> dict[str, np.ndarray]:
     """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and
     Bias Correction", sec. 4.2; Banner et al. 2019): int8 rounding of a layer's weights shifts the mean of its
     outputs, E[W_q x] - E[W x] = E[(W_q - W) x], and the next layers see that shift as a bias. Returns, for each
@@ -241,19 +243,16 @@ def with_bias_corrections(prepared: Path, corrections: dict[str, np.ndarray], ou
     onnx.save(model, str(out_path))
 
 
-def float_outputs(model: onnx.ModelProto) -> list[str]:
-    """Drop the QuantizeLinear -> DequantizeLinear pair between a Gemm and a graph output, in place, and return
-    the outputs so kept in float. quantize_static quantizes the logits too; that only adds rounding: at 8 bits
-    two top logits can become equal (18 of the 10,000 Fashion-MNIST test images with the default student) and
-    argmax then picks the lower class. ONNX Runtime still runs the Gemm as an int8 QGemm, with float output, one
-    operator fewer. Only Gemm: a Conv feeding an output has no int8 kernel with float output in ORT's CPU
-    provider, so it would fall back to float."""
+def float_outputs(model: onnx.ModelProto) -> None:
+    """Drop the QuantizeLinear -> DequantizeLinear pair between a Gemm and a graph output, in place (the outputs
+    so kept in float are read back from the file by float_output_names). quantize_static quantizes the logits
+    too; that only adds rounding: at 8 bits two top logits can become equal (18 of the 10,000 Fashion-MNIST test
+    images with the default student) and argmax then picks the lower class. ONNX Runtime still runs the Gemm as
+    an int8 QGemm, with float output, one operator fewer. Only Gemm: a Conv feeding an output has no int8 kernel
+    with float output in ORT's CPU provider, so it would fall back to float."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in graph.node for name in node.input)
     kept = []
     for output in graph.output:
         dq = producer.get(output.name)
@@ -267,7 +266,6 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
         kept.append(output.name)
     if kept:
         inputfold.drop_unused(graph)
-    return kept
 
 
 def float_output_names(model_path: Path) -> list[str]:
@@ -303,9 +301,10 @@ class Quantizer:
                  fixed: dict[str, tuple[float, int]] | None = None) -> dict | None:
         """Static int8 QDQ of the prepared model under the scheme, keeping the `exclude` nodes in float, with the
         input normalisation folded into the input's quantization where the scheme allows it (inputfold) and the
-        logits of a final Gemm left in float (float_outputs); the activations named in `fixed` ({tensor: (scale, zero point)}) take those parameters instead of calibrated
-        ones (ORT's TensorQuantOverrides). With bias_correction, the int8 nodes' biases are corrected first (see
-        corrections_for; the float nodes keep theirs). Returns what was folded, or None."""
+        logits of a final Gemm left in float (float_outputs); the activations named in `fixed` ({tensor: (scale,
+        zero point)}) take those parameters instead of calibrated ones (ORT's TensorQuantOverrides). With
+        bias_correction, the int8 nodes' biases are corrected first (see corrections_for; the float nodes keep
+        theirs). Returns what was folded, or None."""
         source = self.prepared
         if self.bias_correction:
             corrections = {node: shift for node, shift in self.corrections_for(method).items() if node not in exclude}

@@ -10,7 +10,6 @@ int8 p50 fits the budget, the faster one on a tie.
 from __future__ import annotations
 
 import functools
-
 import json
 import tempfile
 from pathlib import Path
