@@ -324,12 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     if "distill" in sections:
         print("distill", flush=True)
         result["distill"] = run_distill(args.run)
-    args.out.mkdir(parents=True, exist_ok=True)
-    files.write_json(args.out / "perf.json", result)
-    text = markdown(result)
-    files.write_text(args.out / "perf.md", text)
-    print("\n" + text)
+    save_results(args.out, "perf", result, markdown(result))
     return 0
+
+
+def save_results(out: Path, stem: str, result: dict, text: str) -> None:
+    """A benchmark's result as out/STEM.json and its table as out/STEM.md (both atomic), and the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / f"{stem}.json", result)
+    files.write_text(out / f"{stem}.md", text)
+    print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf import interleaved, macs_per_image  # noqa: E402
+from perf import interleaved, macs_per_image, save_results  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data as datasets  # noqa: E402
-from edgecompress import files, quantize, schemes, targets  # noqa: E402
+from edgecompress import quantize, schemes, targets  # noqa: E402
 from edgecompress.models import Normalized, count_params, create  # noqa: E402
 from edgecompress.models.resnet import ResNet  # noqa: E402
 from edgecompress.runner import NoBar  # noqa: E402
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['bs64']['ratio']:.2f}x bs64", flush=True)
     result = {"host": cfg.host() | {"cores": os.cpu_count()}, "versions": cfg.versions(), "rounds": args.rounds,
               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    files.write_json(args.out / "student_designs.json", result)
-    text = markdown(result)
-    files.write_text(args.out / "student_designs.md", text)
-    print("\n" + text)
+    save_results(args.out, "student_designs", result, markdown(result))
     return 0
 
 
