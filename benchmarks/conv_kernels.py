@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,9 +25,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf import save_results  # noqa: E402
+from perf import provenance, save_results  # noqa: E402
 
-from edgecompress import config as cfg  # noqa: E402
 from edgecompress import quantize, schemes, targets  # noqa: E402
 
 # The default student's 3x3 convolutions with equal channels in and out (resnet_fast_100: 48-96-192 on 14-7-4).
@@ -123,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(r)
                     print(f"C={c} S={s} batch {r['batch']}: fp32 {r['fp32_us']:.1f} us, int8 {r['int8_us']:.1f} us, "
                           f"{r['ratio']:.2f}x", flush=True)
-    result = {"host": cfg.host() | {"cores": os.cpu_count()}, "versions": cfg.versions(), "sessions": args.sessions,
-              "rows": rows}
+    result = provenance() | {"sessions": args.sessions, "rows": rows}
     save_results(args.out, "conv_kernels", result, markdown(result))
     return 0
 

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if "e2e" not in sections and not (args.run / "verify" / "report.json").is_file():
         parser.error(f"{args.run} is not a finished run: run the e2e section or pass --run RUN_DIR")
-    result = {"host": cfg.host() | {"cores": os.cpu_count()}, "versions": cfg.versions()}
+    result = provenance()
     if "e2e" in sections:
         print("e2e: edgecompress compress (defaults)", flush=True)
         result["e2e"] = run_e2e(args.run)
@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         result["distill"] = run_distill(args.run)
     save_results(args.out, "perf", result, markdown(result))
     return 0
+
+
+def provenance() -> dict:
+    """What a performance result was measured on: the host (CPU, flags, cores) and the package versions."""
+    return {"host": cfg.host() | {"cores": os.cpu_count()}, "versions": cfg.versions()}
 
 
 def save_results(out: Path, stem: str, result: dict, text: str) -> None:

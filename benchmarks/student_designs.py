@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf import interleaved, macs_per_image, save_results  # noqa: E402
+from perf import interleaved, macs_per_image, provenance, save_results  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data as datasets  # noqa: E402
@@ -156,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{design}: {r['params']:,} params, {r['mmac']} MMAC, step {r['train_step_ms']} ms, "
                   f"int8 vs fp32 {r['bs1']['ratio']:.2f}x bs1 ({r['bs1']['int8_ms']:.4f} ms), "
                   f"{r['bs64']['ratio']:.2f}x bs64", flush=True)
-    result = {"host": cfg.host() | {"cores": os.cpu_count()}, "versions": cfg.versions(), "rounds": args.rounds,
-              "rows": rows}
+    result = provenance() | {"rounds": args.rounds, "rows": rows}
     save_results(args.out, "student_designs", result, markdown(result))
     return 0
 
