@@ -53,8 +53,9 @@ def p50_ms(make_runner, images: torch.Tensor, batch: int, progress, seconds: flo
 def interleaved(make_slow, make_fast, images: torch.Tensor, batch: int, progress, rounds: int = 6,
                 seconds: float = 1.0) -> dict:
     """Fresh sessions of two models in turn (slow, fast, slow, fast, ...), so both meet the same state of the
-    machine: a session's speed mode lasts minutes here, and two models timed minutes apart can differ by 30%
-    from that alone. Returns each one's median of session medians and their ratio."""
+    machine: the host's speed changes over seconds to minutes here, even within one session, and two models
+    timed minutes apart can differ by 30% from that alone. Returns each one's median of session medians and
+    their ratio."""
     medians: dict[str, list[float]] = {"slow": [], "fast": []}
     for _ in range(rounds):
         for name, make in (("slow", make_slow), ("fast", make_fast)):
