@@ -253,3 +253,59 @@ def load_teacher(spec: str, weights: str, data_name: str, in_channels: int, num_
                            f"CKPT, or train one with `python -m edgecompress.models.train_teacher {spec} --data ...`")
         return build_model(spec, str(shipped), in_channels, num_classes, mean, std, "teacher")
     return build_model(spec, weights, in_channels, num_classes, mean, std, "teacher")
+
+
+def teacher_preprocess(spec: str, weights: str, data_name: str) -> tuple[dict, str]:
+    """The preprocessing fields the teacher carries, read without building it, and where they came from:
+    an edgecompress checkpoint's meta (input_size, in_channels, mean, std and an optional `preprocess` dict
+    with resize/interpolation), or an ONNX teacher's metadata_props `preprocess` (JSON with the same keys as
+    the [preprocess] table) and its input's static shape. Empty when the teacher says nothing."""
+    found: dict = {}
+    path = Path(weights) if weights else (shipped_weights(spec, data_name) if spec in ZOO else None)
+    if path is not None and path.is_file():
+        _, meta = read_checkpoint(path)
+        source = f"the teacher checkpoint's meta ({path.name})"
+        if isinstance(meta.get("input_size"), list):
+            found["size"] = meta["input_size"]
+        if meta.get("in_channels") in (1, 3):
+            found["channels"] = "rgb" if meta["in_channels"] == 3 else "grey"
+        for key in ("mean", "std"):
+            if isinstance(meta.get(key), list):
+                found[key] = meta[key]
+        if isinstance(meta.get("preprocess"), dict):
+            found.update({k: v for k, v in meta["preprocess"].items()
+                          if k in ("size", "resize", "interpolation", "mean", "std", "channels")})
+        return _checked_contract(found, source), source
+    if spec.endswith(".onnx") and Path(spec).is_file():
+        import json
+
+        proto = check_onnx(Path(spec))
+        source = f"the ONNX teacher's metadata ({Path(spec).name})"
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        static = [d.dim_value for d in dims] if all(d.HasField("dim_value") for d in dims[1:]) else []
+        if len(static) == 4 and static[1] in (1, 3):
+            found.update(size=static[2:], channels="rgb" if static[1] == 3 else "grey")
+        props = {p.key: p.value for p in proto.metadata_props}
+        if "preprocess" in props:
+            try:
+                declared = json.loads(props["preprocess"])
+            except ValueError:
+                raise BadInput(f"{spec}: metadata_props `preprocess` is not JSON") from None
+            if not isinstance(declared, dict):
+                raise BadInput(f"{spec}: metadata_props `preprocess` must be a JSON object")
+            found.update({k: v for k, v in declared.items()
+                          if k in ("size", "resize", "interpolation", "mean", "std", "channels")})
+        return _checked_contract(found, source), source
+    return {}, ""
+
+
+def _checked_contract(found: dict, source: str) -> dict:
+    """The fields as the [preprocess] table would hold them, refused with one line when malformed."""
+    from edgecompress.config import PreprocessConfig, RunConfig
+
+    try:
+        conf = RunConfig(preprocess=PreprocessConfig(**found))
+        conf._validate_preprocess()
+    except (TypeError, BadInput) as exc:
+        raise BadInput(f"the preprocessing recorded in {source} is malformed: {exc}") from None
+    return {k: getattr(conf.preprocess, k) for k in found}

@@ -27,6 +27,19 @@ class TeacherConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """The preprocessing contract as declared (data/preprocess.py); empty fields come from the teacher, else
+    from the data."""
+
+    size: list = field(default_factory=list)  # [224] or [224, 160] (height, width) the models take
+    resize: int = -1          # shorter side before a center crop to `size`; 0: straight to `size`; -1: the teacher's
+    interpolation: str = ""   # bilinear | bicubic | nearest ("": the teacher's, else bilinear)
+    mean: list = field(default_factory=list)  # per channel, on [0, 1] pixels ([]: the teacher's, else measured)
+    std: list = field(default_factory=list)
+    channels: str = ""        # rgb | grey ("": the teacher's, else the data's first image's)
+
+
+@dataclass
 class DistillConfig:
     student: str = "resnet_fast_100"  # zoo name or path/to/file.py:factory
     method: str = "hinton"            # a name from `edgecompress methods`
@@ -75,6 +88,8 @@ class RunConfig:
     seed: int = 0
     skip_bad_images: bool = False  # leave unreadable files of an image folder out (counted in run.toml)
     max_latency_ms: float = 0.0  # batch-1 p50 budget; > 0 overrides the target's, and `--student auto` fits it
+    loader_workers: int = 0  # processes decoding an image folder; 0: one per core (at most 8)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -122,6 +137,9 @@ class RunConfig:
         if d.precision not in ("auto", "fp32", "bf16"):
             raise BadInput(f"distill.precision must be auto, fp32 or bf16, got {d.precision!r}")
         self._validate_teachers()
+        self._validate_preprocess()
+        if self.loader_workers < 0:
+            raise BadInput(f"loader_workers must be >= 0, got {self.loader_workers}")
         from . import distillers  # torch: imported only when a config is checked
 
         distillers.resolve_options(d.method, d.method_opts)
@@ -139,6 +157,37 @@ class RunConfig:
                 raise BadInput(f"{name} must be > 0, got {value}")
         return self
 
+    def _validate_preprocess(self) -> None:
+        from .data.preprocess import CHANNELS, INTERPOLATIONS, parse_size
+
+        p = self.preprocess
+        try:
+            size = parse_size(p.size)
+        except ValueError as exc:
+            raise BadInput(f"preprocess.size (--input-size): {exc}") from None
+        p.size = list(size) if size else []
+        if p.resize < -1 or (p.resize > 0 and size and p.resize < max(size)):
+            raise BadInput(f"preprocess.resize (--resize) must be 0 (straight to the size), -1 (the teacher's) or a "
+                           f"shorter side at least the input size {max(size) if size else ''}, got {p.resize}")
+        if p.interpolation not in ("", *INTERPOLATIONS):
+            raise BadInput(f"preprocess.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {p.interpolation!r}")
+        if p.channels not in ("", *CHANNELS):
+            raise BadInput(f"preprocess.channels must be rgb or grey, got {p.channels!r}")
+        for name, values in (("mean", p.mean), ("std", p.std)):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise BadInput(f"preprocess.{name} (--{name}) must be numbers, e.g. 0.485,0.456,0.406, got {values!r}")
+        if bool(p.mean) != bool(p.std) or len(p.mean) != len(p.std) or len(p.mean) not in (0, 1, 3):
+            raise BadInput(f"preprocess.mean and preprocess.std (--mean/--std) go together, one value per channel "
+                           f"(1 or 3), got {len(p.mean)} and {len(p.std)}")
+        if p.channels and p.mean and len(p.mean) != CHANNELS[p.channels]:
+            raise BadInput(f"preprocess.mean has {len(p.mean)} values but channels = {p.channels!r} has "
+                           f"{CHANNELS[p.channels]}: give one value per channel")
+        if any(v <= 0 for v in p.std):
+            raise BadInput(f"preprocess.std must be > 0, got {p.std}")
+        if any(not 0 <= v <= 1 for v in p.mean):
+            raise BadInput(f"preprocess.mean is on [0, 1] pixels (ImageNet's is 0.485,0.456,0.406), got {p.mean}")
+        p.mean, p.std = [float(v) for v in p.mean], [float(v) for v in p.std]
+
     def _validate_teachers(self) -> None:
         t = self.teacher
         for name, values in (("teacher.extra", t.extra), ("teacher.extra_weights", t.extra_weights)):
@@ -153,6 +202,8 @@ def _typed(value, kind: type, name: str):
     """`value` as `kind` (an int is a fine float; a bool is never a number), or a BadInput naming the key."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is list and isinstance(value, int) and not isinstance(value, bool):
+        value = [value]  # preprocess.size = 224
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise BadInput(f"{name} must be {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):
@@ -186,7 +237,7 @@ def from_dict(raw: dict, where: str) -> RunConfig:
                 kwargs[key] = _typed(value, type(default), f"{where}: {prefix}{key}")
         return cls(**kwargs)
 
-    raw = {k: v for k, v in raw.items() if k not in ("versions", "host", "splits")}
+    raw = {k: v for k, v in raw.items() if k not in ("versions", "host", "splits", "preprocess_resolved")}
     return build(RunConfig, raw, "").validate()
 
 

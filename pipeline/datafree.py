@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompress.models import ZOO, count_params
-from edgecompress.models.loaders import read_checkpoint, shipped_weights
+from edgecompress.models import count_params
 
 from . import distillers, files
 from .distillers import kd_loss
@@ -349,20 +348,6 @@ def train_student(distiller: DataFree, teacher: nn.Module, images: torch.Tensor,
             torch.save({"key": key, "epoch": epoch + 1, "student": student.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "generator": gen.get_state(), "history": history}, tmp)
     return history
-
-
-def teacher_normalisation(spec: str, weights: str, data_name: str) -> tuple[list[float], list[float]]:
-    """The input normalisation the teacher was trained with, from its checkpoint's meta. Without training images
-    the per-channel statistics cannot be measured, so a teacher whose checkpoint does not record them is refused."""
-    path = weights or (shipped_weights(spec, data_name) if spec in ZOO else None)
-    if path:
-        _, meta = read_checkpoint(path)
-        if isinstance(meta.get("mean"), list) and isinstance(meta.get("std"), list):
-            return [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
-    raise BadInput("data-free distillation takes the input normalisation from the teacher's checkpoint (training "
-                   f"images are not read), and {path or spec} records none: save the teacher as "
-                   '{"state_dict": ..., "meta": {"mean": [...], "std": [...]}} with its training per-channel '
-                   "mean/std of [0, 1] pixels and pass it as --teacher-weights")
 
 
 def inputs(ctx: RunContext) -> dict:

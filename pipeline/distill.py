@@ -434,6 +434,7 @@ def run(ctx: RunContext) -> Path:
             "autocast": str(autocast) if autocast else "fp32", "epochs": history})
         spec = {"student": conf.student, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
                 "classes": ds.classes, "mean": ctx.data_stats[0], "std": ctx.data_stats[1],
+                "preprocess": ctx.preprocess.describe(),
                 "params": count_params(student)}
         with files.atomic_path(artifact) as tmp:
             torch.save({"state_dict": student.state_dict(), "spec": spec}, tmp)

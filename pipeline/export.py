@@ -150,7 +150,8 @@ def _exporters() -> dict[str, Callable[[RunContext, Path, Path], dict]]:
 
 
 def inputs(ctx: RunContext) -> dict:
-    return {"target": ctx.target.to_dict() | {"source": ""}, "model": quantize.artifact_path(ctx.out, ctx.target)}
+    return {"target": ctx.target.to_dict() | {"source": ""}, "model": quantize.artifact_path(ctx.out, ctx.target),
+            "preprocess": ctx.preprocess.describe()}
 
 
 def run(ctx: RunContext) -> Path:
@@ -168,7 +169,10 @@ def run(ctx: RunContext) -> Path:
     record = _exporters()[target.runtime](ctx, source, out_dir)
     files.write_json(out_dir / "build.json", {"target": target.name, "runtime": target.runtime,
                                               "precision": target.precision, "opset": target.opset,
-                                              "profile": target.to_dict() | {"source": ""}, **record})
+                                              "profile": target.to_dict() | {"source": ""},
+                                              # what the device code must do before calling the artifact
+                                              "preprocess": {"steps": ctx.preprocess.steps(),
+                                                             **ctx.preprocess.describe()}, **record})
     return out_dir / record["artifact"]
 
 

@@ -45,6 +45,18 @@ def _class_names(r: dict) -> list[str]:
     return r["data"]["classes"]
 
 
+def _preprocess_line(r: dict) -> list[str]:
+    p = r["data"].get("preprocess")
+    if not p:
+        return []
+    h, w = p["size"]
+    crop = f"resize {p['resize']} + center crop {h}x{w}" if p["resize"] else f"{h}x{w}"
+    skipped = r["data"].get("skipped_images", 0)
+    return ["", f"Preprocessing: {crop}, {p['interpolation']}, {p['channels']}, mean {p['mean']}, std {p['std']} "
+            f"(size from {p['sources'].get('size', '?')}; mean/std from {p['sources'].get('mean', '?')})."
+            + (f" {skipped} unreadable images left out." if skipped else "")]
+
+
 def markdown(r: dict) -> str:
     """report.md: the summary table with intervals, per-class accuracy, confusion matrix and plots."""
     batches = _batches(r)
@@ -54,7 +66,7 @@ def markdown(r: dict) -> str:
             + " | ".join(f"{b} p50 [95% CI] / p90 / p99 (ms)" for b in batches) + " |")
     lines = [f"# edgecompress report: {r['target']}", "",
              f"Data: {r['data']['name']}, {r['data']['eval_images']} eval images. "
-             f"Host: {r['host']['cpu']} ({', '.join(r['host']['cpu_flags'])}).", "",
+             f"Host: {r['host']['cpu']} ({', '.join(r['host']['cpu_flags'])}).", *_preprocess_line(r), "",
              head, "|" + "---|" * (7 + has_top5 + len(batches))]
     for name, title in SUBJECTS:
         m = r[name]

@@ -45,23 +45,71 @@ class RunContext:
         return target
 
     @cached_property
+    def teacher_contract(self) -> tuple[dict, str]:
+        """The preprocessing fields the teacher carries, and where they came from ({} when it carries none)."""
+        from edgecompress.models.loaders import teacher_preprocess
+
+        t = self.config.teacher
+        return teacher_preprocess(t.spec, t.weights, self.config.data)
+
+    def _declared(self, name: str, empty) -> tuple[object, str]:
+        value = getattr(self.config.preprocess, name)
+        if value != empty:
+            return value, "the config"
+        carried, source = self.teacher_contract
+        return (carried[name], source) if name in carried else (empty, "")
+
+    @cached_property
+    def geometry(self) -> datasets.Geometry:
+        """Size, resize, interpolation and channels as declared or carried by the teacher; size and channels
+        left None are the data's."""
+        size, resize, interpolation, channels = (self._declared("size", []), self._declared("resize", -1),
+                                                 self._declared("interpolation", ""), self._declared("channels", ""))
+        return datasets.Geometry(tuple(size[0]) if size[0] else None, max(resize[0], 0),
+                                 interpolation[0] or "bilinear", channels[0] or None)
+
+    @cached_property
     def data(self) -> datasets.Dataset:
-        ds = datasets.load(self.config.data, self.config.seed, self.config.skip_bad_images)
+        ds = datasets.load(self.config.data, self.config.seed, self.config.skip_bad_images, self.geometry,
+                           self.out / "data", self.config.loader_workers, self.progress)
         if ds.skipped:
-            self.log(f"[data] skipped {len(ds.skipped)} unreadable images, e.g. {ds.skipped[0]}")
+            self.log(f"[data] skipped {len(ds.skipped)} unreadable images, e.g. {next(iter(ds.skipped))}")
         return ds
 
     @cached_property
-    def data_stats(self) -> tuple[list[float], list[float]]:
-        """The per-channel mean/std models carry: measured on the training images, or for a data-free method,
-        which reads none, the teacher's own as its checkpoint records it."""
+    def preprocess(self) -> datasets.Preprocess:
+        """The one preprocessing contract of this run (data/preprocess.py), each field with its source."""
         from . import distillers
 
-        if distillers.METHODS.get(self.config.distill.method, distillers.Distiller).supplies_inputs:
-            from .datafree import teacher_normalisation
+        ds, g = self.data, self.geometry
+        sources = {}
+        for name, empty, fallback in (("size", [], "the data's first image"), ("resize", -1, "the default (0)"),
+                                      ("interpolation", "", "the default (bilinear)"),
+                                      ("channels", "", "the data's first image")):
+            sources[name] = self._declared(name, empty)[1] or fallback
+        channels = "rgb" if ds.input_shape[0] == 3 else "grey"
+        pre = datasets.Preprocess(tuple(ds.input_shape[1:]), g.resize, g.interpolation, channels, sources=sources)
+        (mean, where), (std, _) = self._declared("mean", []), self._declared("std", [])
+        if not mean:
+            if distillers.METHODS.get(self.config.distill.method, distillers.Distiller).supplies_inputs:
+                raise BadInput("data-free distillation takes the input normalisation from the teacher (training "
+                               "images are not read), and the teacher records none: give --mean and --std (its "
+                               "training per-channel mean/std of [0, 1] pixels), or pass --teacher-weights saved as "
+                               '{"state_dict": ..., "meta": {"mean": [...], "std": [...]}}')
+            mean, std = datasets.channel_stats(ds.x_train)
+            where = "measured on the training images"
+        if len(mean) != pre.num_channels:
+            if len(mean) == 1:  # one value for all channels
+                mean, std = list(mean) * pre.num_channels, list(std) * pre.num_channels
+            else:
+                raise BadInput(f"mean/std from {where} have {len(mean)} values but the models take {channels} "
+                               f"images with {pre.num_channels} channels: give one value per channel")
+        return pre.with_stats(mean, std, where)
 
-            return teacher_normalisation(self.config.teacher.spec, self.config.teacher.weights, self.data.name)
-        return datasets.channel_stats(self.data.x_train)
+    @property
+    def data_stats(self) -> tuple[list[float], list[float]]:
+        """The per-channel mean/std every model of the run carries (the contract's)."""
+        return list(self.preprocess.mean), list(self.preprocess.std)
 
     @cached_property
     def teacher(self):
@@ -217,6 +265,8 @@ def write_run_toml(ctx: RunContext) -> None:
     resolved["splits"] = {**ctx.data.describe(), "calibration": len(calibration),
                           "calibration_indices_sha256_16": files.sha256_json(calibration.tolist())[:16],
                           "calibration_from": "train", "seed": ctx.config.seed}
+    resolved["preprocess_resolved"] = ctx.preprocess.describe()
+    ctx.log(f"[data] preprocessing: {ctx.preprocess.summary()}")
     resolved["versions"] = cfg.versions()
     resolved["host"] = cfg.host()
     files.write_text(ctx.out / "run.toml", "# Resolved configuration of this run, written by edgecompress.\n"

@@ -277,7 +277,8 @@ def run(ctx: RunContext) -> Path:
     result = {
         "schema": SCHEMA, "target": target.name,
         "data": {"name": ds.name, "eval_images": len(labels), "classes": list(ds.classes),
-                 "eval_per_class": np.bincount(labels, minlength=ds.num_classes).tolist()},
+                 "eval_per_class": np.bincount(labels, minlength=ds.num_classes).tolist(),
+                 "skipped_images": len(ds.skipped), "preprocess": ctx.preprocess.describe()},
         "teacher": results["teacher"], "student_fp32": results["student_fp32"], "artifact": results["artifact"],
         "speedup_vs_teacher": round(speedup, 2),
         "size_ratio": round(results["teacher"]["size_bytes"] / results["artifact"]["size_bytes"], 2),

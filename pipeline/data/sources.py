@@ -1,6 +1,7 @@
-"""Datasets held in memory as tensors: the embedded Fashion-MNIST, IDX files, an image folder, an .npz file.
+"""The Dataset every stage reads, and the sources small enough to hold in memory: the embedded Fashion-MNIST,
+IDX files, an .npz file. Image folders and lists are streamed (folder.py) behind the same fields.
 
-Images stay uint8 (N, C, H, W) until a batch is taken; `batch()` gives float pixels in [0, 1].
+Images stay uint8 (N, C, H, W) until a batch is taken; `to_float` gives float pixels in [0, 1].
 Normalisation is not applied here: it travels inside each model (models.Normalized).
 """
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInput
+from ..errors import BadInput
+from .packed import take
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 EVAL_FRACTION = 1 / 6  # when a source has no test split of its own (Fashion-MNIST's own ratio)
 
 
@@ -31,7 +32,9 @@ class Dataset:
     x_eval: torch.Tensor
     y_eval: torch.Tensor
     classes: list[str]
-    skipped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # file -> why it was left out
+    content_key: str = ""  # for streamed sources: the hash of the file listing, labels and geometry
+
 
     @property
     def num_classes(self) -> int:
@@ -43,7 +46,10 @@ class Dataset:
 
     @cached_property
     def sha256_16(self) -> str:
-        """Content hash of all images and labels (cached: stages ask for it several times a run)."""
+        """Content hash of all images and labels (cached: stages ask for it several times a run); a streamed
+        source's is its listing's (folder.fingerprint), which changes with any file or label."""
+        if self.content_key:
+            return self.content_key
         digest = hashlib.sha256()
         for t in (self.x_train, self.y_train, self.x_eval, self.y_eval):
             digest.update(t.contiguous().numpy().tobytes())
@@ -70,29 +76,6 @@ def stratified_sample(labels: torch.Tensor, count: int, seed: int) -> torch.Tens
         picked.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
     picked = torch.cat(picked)
     return picked[torch.randperm(len(picked), generator=gen)].sort().values
-
-
-def load(spec: str, seed: int = 0, skip_bad_images: bool = False) -> Dataset:
-    """Load a data spec: `fashion-mnist`, a folder of IDX files, an image folder, or an .npz with x/y.
-
-    An unreadable file in an image folder is an error unless `skip_bad_images`, which leaves it out and
-    lists it in `Dataset.skipped`.
-    """
-    if spec == "fashion-mnist":
-        if not FASHION_MNIST_DIR.is_dir():
-            raise BadInput(f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install it with "
-                           "`apt-get install dataset-fashion-mnist`, or pass --data PATH")
-        return _load_idx_dir(FASHION_MNIST_DIR, "fashion-mnist", FASHION_MNIST_CLASSES)
-    path = Path(spec)
-    if not path.exists():
-        raise BadInput(f"data not found: {spec} (give `fashion-mnist`, an image folder, an .npz file or an IDX folder)")
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise BadInput(f"unsupported data file {spec}: expected an .npz with `x` and `y` arrays, or a folder")
-        return _load_npz(path, seed)
-    if any(path.glob("*-images-idx3-ubyte*")):
-        return _load_idx_dir(path, path.name, None)
-    return _load_image_folder(path, seed, skip_bad_images)
 
 
 def _check(ds: Dataset) -> Dataset:
@@ -155,11 +138,12 @@ def _load_idx_dir(folder: Path, name: str, classes: list[str] | None) -> Dataset
     return _check(Dataset(name, *parts["train"], *parts["eval"], classes))
 
 
-def _split(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+def split(x, y: torch.Tensor, seed: int) -> tuple:
+    """A stratified sixth of the images held out for eval, fixed by `seed` (packed images stay packed)."""
     eval_idx = stratified_sample(y, int(len(y) * EVAL_FRACTION), seed)
     mask = torch.ones(len(y), dtype=torch.bool)
     mask[eval_idx] = False
-    return x[mask], y[mask], x[eval_idx], y[eval_idx]
+    return take(x, mask.numpy()), y[mask], take(x, eval_idx.numpy()), y[eval_idx]
 
 
 def _to_nchw(x: np.ndarray, source: str) -> torch.Tensor:
@@ -188,85 +172,21 @@ def _load_npz(path: Path, seed: int) -> Dataset:
         x_test = _to_nchw(arrays["x_test"], str(path))
         parts = (x, y, x_test, _labels(arrays["y_test"], len(x_test), str(path), "y_test"))
     else:
-        parts = _split(x, y, seed)
+        parts = split(x, y, seed)
     num_classes = int(max(parts[1].max(), parts[3].max())) + 1
     return _check(Dataset(path.stem, *parts, [str(i) for i in range(num_classes)]))
 
 
-def _read_image(path: Path, size: tuple[int, int] | None, mode: str | None) -> np.ndarray:
-    """One image as (H, W, C) uint8, converted to `mode` and resized to `size` (None: as stored)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            mode = mode or ("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
-            im = im.convert(mode)
-            if size and im.size != size:
-                im = im.resize(size, Image.BILINEAR)
-            pixels = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise BadInput(f"cannot read image {path}: {exc} (--skip-bad-images leaves such files out)") from None
-    return pixels.reshape(*pixels.shape[:2], -1)
-
-
-def _read_images(files: list[Path], labels: list[int], size, mode, skip_bad: bool, skipped: list[str]):
-    images, kept = [], []
-    for path, label in zip(files, labels):
-        try:
-            images.append(_read_image(path, size, mode))
-            kept.append(label)
-        except BadInput:
-            if not skip_bad:
-                raise
-            skipped.append(str(path))
-    return images, kept
-
-
-def _scan_classes(folder: Path) -> dict[str, list[Path]]:
-    classes = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(f for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            classes[sub.name] = files
-    return classes
-
-
-def _load_image_folder(folder: Path, seed: int, skip_bad: bool) -> Dataset:
-    """One sub-folder per class; or `train/` and `test/` (or `val/`) folders each laid out that way."""
-    eval_dir = next((folder / n for n in ("test", "val") if (folder / n).is_dir()), None)
-    train_dir = folder / "train" if eval_dir is not None and (folder / "train").is_dir() else folder
-    train = _scan_classes(train_dir)
-    if not train:
-        raise BadInput(f"no images in {folder}: expected one sub-folder per class holding "
-                       f"{'/'.join(sorted(IMAGE_SUFFIXES))} files")
-    classes = sorted(train)
-    skipped: list[str] = []
-    # size and colour mode of the first readable image set those of the whole data set
-    first_files = [f for files in train.values() for f in files][:50]
-    probe, _ = _read_images(first_files, [0] * len(first_files), None, None, skip_bad, [])
-    if not probe:
-        raise BadInput(f"no readable image among the first files of {train_dir}")
-    height, width, channels = probe[0].shape
-    size, mode = (width, height), ("L" if channels == 1 else "RGB")
-
-    def gather(by_class: dict[str, list[Path]]) -> tuple[torch.Tensor, torch.Tensor]:
-        unknown = sorted(set(by_class) - set(classes))
-        if unknown:
-            raise BadInput(f"eval folder has classes the train folder lacks: {', '.join(unknown)}")
-        files = [f for c in classes for f in by_class.get(c, [])]
-        labels = [i for i, c in enumerate(classes) for _ in by_class.get(c, [])]
-        images, kept = _read_images(files, labels, size, mode, skip_bad, skipped)
-        if not images:
-            return torch.empty(0, channels, height, width, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        return x, torch.tensor(kept, dtype=torch.int64)
-
-    x, y = gather(train)
-    parts = (x, y, *gather(_scan_classes(eval_dir))) if eval_dir is not None else _split(x, y, seed)
-    return _check(Dataset(folder.name, *parts, classes, skipped))
-
-
-def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels in [0, 1], the normalisation a model trained on `x` carries."""
-    sample = to_float(x[: min(len(x), 20000)])
-    return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
+def channel_stats(x, sample: int = 20000, chunk: int = 500) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels in [0, 1] over the first `sample` images, the normalisation a model
+    trained on `x` carries; summed in float64 chunk by chunk, so memory stays that of one chunk."""
+    count = min(len(x), sample)
+    total = squares = 0
+    for i in range(0, count, chunk):
+        block = to_float(x[i:min(i + chunk, count)]).double()
+        total = total + block.sum(dim=(0, 2, 3))
+        squares = squares + (block * block).sum(dim=(0, 2, 3))
+    n = count * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0).sqrt()
+    return [float(v) for v in mean], [float(v) for v in std]
