@@ -17,7 +17,34 @@ DEFAULTS = cfg.RunConfig()
 # compress's options and the RunConfig fields they set
 FLAG_FIELDS = {"data": ("data",), "target": ("target",), "seed": ("seed",), "student": ("distill", "student"),
                "epochs": ("distill", "epochs"), "method": ("distill", "method"),
-               "skip_bad_images": ("skip_bad_images",), "max_latency_ms": ("max_latency_ms",)}
+               "skip_bad_images": ("skip_bad_images",), "max_latency_ms": ("max_latency_ms",),
+               "input_size": ("preprocess", "size"), "resize": ("preprocess", "resize"),
+               "interpolation": ("preprocess", "interpolation"), "mean": ("preprocess", "mean"),
+               "std": ("preprocess", "std"), "channels": ("preprocess", "channels")}
+
+
+def _numbers(ctx, param, value):
+    """--mean/--std: comma-separated numbers, one per channel."""
+    if value is None:
+        return []
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _or_empty(ctx, param, value):
+    return value or ""
+
+
+def _size(ctx, param, value):
+    from .data.preprocess import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return list(size) if size else []
 
 
 def teachers_from_flags(teachers: tuple[str, ...], weights: tuple[str, ...]) -> cfg.TeacherConfig:
@@ -84,13 +111,29 @@ def cli():
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A TOML file with any of run.toml's tables ([teacher], [distill], [quantize], [verify]); "
                    "options given on the command line win.")
+@click.option("--input-size", callback=_size, metavar="S|HxW",
+              help="Input size the teacher was trained at, e.g. 224 or 224x160 (height x width).  "
+                   "[default: the teacher's, else the data's]")
+@click.option("--resize", type=int, default=-1, metavar="PX",
+              help="Shorter side before a center crop to --input-size (e.g. 256 for 224); 0: resize straight to "
+                   "the size.  [default: the teacher's, else 0]")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), callback=_or_empty,
+              help="Resize interpolation.  [default: the teacher's, else bilinear]")
+@click.option("--mean", callback=_numbers, metavar="M[,M,M]",
+              help="Per-channel mean of [0, 1] pixels the teacher was trained with, e.g. 0.485,0.456,0.406.  "
+                   "[default: the teacher's, else measured on the data]")
+@click.option("--std", callback=_numbers, metavar="S[,S,S]", help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--channels", type=click.Choice(["rgb", "grey"]), callback=_or_empty,
+              help="Channels the teacher takes (grey data is repeated to RGB).  [default: the teacher's, else the "
+                   "data's]")
 @click.option("--skip-bad-images", is_flag=True,
               help="Leave unreadable files of an image folder out (and count them) instead of stopping.")
 @click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
 @common
 @click.pass_context
 def compress(click_ctx, teacher, teacher_weights, student, max_latency_ms, data, target, out, epochs, method,
-             method_opt, seed, config_file, skip_bad_images, force, quiet, debug):
+             method_opt, seed, config_file, input_size, resize, interpolation, mean, std, channels, skip_bad_images,
+             force, quiet, debug):
     """Run distill, quantize, export and verify; exit 1 if a target budget is missed."""
     from .compress import compress as run_all
     from .runner import RunContext, locked

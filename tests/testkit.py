@@ -60,3 +60,21 @@ def small_run_dir(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
         assert main(args) == 0
         _small_runs[root] = base / "run"
     return _small_runs[root]
+
+
+def write_photo_folder(root: Path, x: np.ndarray, y: np.ndarray, classes: list[str], sizes=(72, 120),
+                       suffix: str = ".jpg", seed: int = 0) -> Path:
+    """Real grey images written as RGB photo files of random sizes (width and height drawn from `sizes`),
+    each with a random colour tint, one sub-folder per class: what a user's folder of photos looks like."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i, (image, label) in enumerate(zip(x, y)):
+        width, height = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+        tint = rng.uniform(0.6, 1.0, size=3)
+        rgb = (np.asarray(image, dtype=np.float32)[..., None] * tint).round().clip(0, 255).astype(np.uint8)
+        folder = root / classes[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb, "RGB").resize((width, height), Image.BICUBIC).save(folder / f"{i:05d}{suffix}",
+                                                                                 quality=90)
+    return root
