@@ -55,6 +55,12 @@ class DistillConfig:
     lr: float = 0.2                   # OneCycle's peak learning rate (SGD, Nesterov momentum 0.9)
     weight_decay: float = 5e-4
     precision: str = "auto"           # auto: bf16 autocast where the CPU has AVX-512 BF16 / AMX, CUDA when present
+    # training augmentation of the images: none | flip | crop-flip (random-resized-crop + horizontal flip)
+    augment: str = "none"
+    augment_scale: list = field(default_factory=lambda: [0.35, 1.0])  # crop area fraction (torchvision: 0.08-1)
+    # teacher answers on augmented views: cache (FKD: recorded once per epoch, replayed by later runs) | online
+    soft_labels: str = "cache"
+    soft_label_topk: int = 16         # logits kept per image in the FKD cache (all of them up to 16 classes)
 
 
 @dataclass
@@ -134,6 +140,15 @@ class RunConfig:
                 raise BadInput(f"{name} must be >= 0, got {value}")
         if not 0.0 <= d.alpha <= 1.0:
             raise BadInput(f"distill.alpha must be in [0, 1], got {d.alpha}")
+        if d.augment not in ("none", "flip", "crop-flip"):
+            raise BadInput(f"distill.augment must be none, flip or crop-flip, got {d.augment!r}")
+        if d.soft_labels not in ("cache", "online"):
+            raise BadInput(f"distill.soft_labels must be cache or online, got {d.soft_labels!r}")
+        if not (len(d.augment_scale) == 2 and all(isinstance(v, (int, float)) for v in d.augment_scale)
+                and 0 < d.augment_scale[0] <= d.augment_scale[1] <= 1):
+            raise BadInput(f"distill.augment_scale must be [low, high] with 0 < low <= high <= 1, got {d.augment_scale}")
+        if d.soft_label_topk < 1:
+            raise BadInput(f"distill.soft_label_topk must be >= 1, got {d.soft_label_topk}")
         if d.precision not in ("auto", "fp32", "bf16"):
             raise BadInput(f"distill.precision must be auto, fp32 or bf16, got {d.precision!r}")
         self._validate_teachers()

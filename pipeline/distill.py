@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from edgecompress.models.loaders import build_model, import_callable, load_teach
 from . import config as cfg
 from . import data as datasets
 from . import datafree, distillers, files
+from .data import augment, softlabels
 from .distillers import FeatureTap, Setup
 from .errors import BadInput, StageFailed
 from .modelcheck import check_classifier
@@ -129,7 +131,7 @@ def teacher_logits(ctx: RunContext, which: int, model: nn.Module, device: torch.
 
     def cached() -> torch.Tensor | None:
         if cache.is_file():
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            saved = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)  # large for many classes
             if saved.get("key") == key:
                 return saved["logits"]
         return None
@@ -153,6 +155,15 @@ def teacher_logits(ctx: RunContext, which: int, model: nn.Module, device: torch.
             torch.save({"key": key, "logits": logits}, tmp)
     dist.barrier()
     return logits
+
+
+def soft_label_key(ctx: RunContext) -> str:
+    """What an epoch of FKD soft labels depends on: the teachers, the data, the seed and the augmentation (not the
+    student or the method, so another student's run in the same directory replays them)."""
+    conf, deps = ctx.config.distill, inputs(ctx)
+    return digest({"seed": ctx.config.seed, "data": ctx.data.sha256_16, "augment": conf.augment,
+                   "scale": list(conf.augment_scale), "topk": conf.soft_label_topk,
+                   **{k: v for k, v in deps.items() if k.startswith("teacher")}})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -349,13 +360,18 @@ def run(ctx: RunContext) -> Path:
     distiller = prepared.distiller.to(device).to(memory_format=torch.channels_last)
     views = pair_transform(distiller)
     teacher_online = cls.teacher_features or (views is not None and not distiller.teacher_view_is_input)
-
+    augmenting = conf.augment != "none"
+    if augmenting and teachers and conf.soft_labels == "online":
+        teacher_online = True
     source = DatasetBatches(ds, conf.batch, dist, device)
-    cached = None
-    if teachers and not teacher_online:
+    cached, soft_labels = None, None
+    if teachers and not teacher_online and not augmenting:
         cached = torch.stack([teacher_logits(ctx, i, m, device, autocast, dist) for i, (m, _) in enumerate(teachers)])
+    elif teachers and not teacher_online:  # augmented views: the FKD cache replays or records each epoch
+        soft_labels = softlabels.SoftLabelCache(out_dir / "soft_labels", soft_label_key(ctx), len(ds.y_train),
+                                                ds.num_classes, len(teachers), conf.soft_label_topk)
     teacher_taps = [prepared.teacher_tap] if prepared.teacher_tap else []
-    if teacher_online:
+    if teacher_online or soft_labels is not None:
         for m, _ in teachers:
             m.to(device).to(memory_format=torch.channels_last).eval()
 
@@ -383,20 +399,36 @@ def run(ctx: RunContext) -> Path:
     def amp():
         return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
 
+    height, width = ds.input_shape[1:]
     for epoch in range(start_epoch, conf.epochs):
         model.train()
         began, sums, names = time.perf_counter(), None, []
         correct = torch.zeros((), device=device)
+        views_of_epoch = augment.crop_params(len(ds.y_train), height, width, conf.augment, tuple(conf.augment_scale),
+                                             seed, epoch) if augmenting else None
+        replay = record = None
+        if soft_labels is not None and soft_labels.ready(epoch):
+            replay = soft_labels.open(epoch)
+            views_of_epoch = torch.from_numpy(np.array(replay.params))
+        elif soft_labels is not None and dist.world == 1:  # under torchrun each rank sees a slice: not recorded
+            record = soft_labels.create(epoch)
+        run_teacher = teacher_online or (soft_labels is not None and replay is None)
         with ctx.progress(enumerate(source.epoch(gen)), f"epoch {epoch + 1}/{conf.epochs}",
                           length=source.steps_per_epoch) as bar:
             for step, (x, y, idx) in bar:
                 distiller.progress = (epoch * source.steps_per_epoch + step) / total_steps
+                if views_of_epoch is not None:
+                    x = augment.apply(x, views_of_epoch[idx])
                 x_student, x_teacher = views(x) if views is not None else (x, x)
                 t_logits, t_feats = (cached[:, idx].to(device, non_blocking=True) if cached is not None else None), None
-                if teacher_online:
+                if replay is not None:
+                    t_logits = replay.logits(idx).to(device, non_blocking=True)
+                if run_teacher:
                     with torch.no_grad(), amp():
                         t_logits = torch.stack([m(x_teacher).float() for m, _ in teachers])
                     t_feats = teacher_taps[0].take() if teacher_taps else None
+                    if record is not None:
+                        record.record(idx, views_of_epoch[idx], t_logits)
                 if t_logits is not None and not cls.many_teachers:
                     t_logits = t_logits[0]
                 with amp():
@@ -405,11 +437,19 @@ def run(ctx: RunContext) -> Path:
                 values = torch.stack([v.detach().float() for v in losses.values()]) * len(y)
                 sums, names = (values if sums is None else sums + values), list(losses)
                 correct += (logits.argmax(1) == y).sum()
+        if record is not None:
+            with torch.no_grad(), amp():  # the images this epoch's last partial batch left out, for other batch sizes
+                for idx in record.missing().split(conf.batch):
+                    x = augment.apply(datasets.to_float(ds.x_train[idx]).to(device), views_of_epoch[idx])
+                    record.record(idx, views_of_epoch[idx], torch.stack([m(x).float() for m, _ in teachers]))
+            record.finish()
         seconds = time.perf_counter() - began
         totals = dist.sum(torch.cat([sums, correct[None]])).tolist()
         seen = source.steps_per_epoch * conf.batch
         history.append({"epoch": epoch + 1, **{k: round(v / seen, 5) for k, v in zip(names, totals)},
                         "train_top1": round(totals[-1] / seen, 5), "seconds": round(seconds, 2),
+                        "teacher": ("online" if run_teacher else "fkd cache" if replay is not None
+                                    else "cached logits" if cached is not None else "none"),
                         "images_per_s": round(seen / seconds, 1)})
         ctx.log(f"[distill] epoch {epoch + 1}/{conf.epochs} " +
                 " ".join(f"{k}={v}" for k, v in history[-1].items() if k != "epoch"))

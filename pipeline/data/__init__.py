@@ -54,6 +54,8 @@ def load(spec: str, seed: int = 0, skip_bad_images: bool = False, geometry: Geom
             raise BadInput(f"unsupported data file {spec}: expected an .npz with `x` and `y` arrays, a .csv/.tsv "
                            "image list, or a folder")
         return _conform(_load_npz(path, seed), geometry)
+    if not path.is_dir():
+        raise BadInput(f"unsupported data {spec}: neither a regular file nor a folder")
     if any(path.glob("*-images-idx3-ubyte*")):
         return _conform(_load_idx_dir(path, path.name, None), geometry)
     return _streamed(path, folder.index_folder(path), seed, skip_bad_images, geometry, cache_dir, workers, progress)

@@ -74,7 +74,7 @@ def index_list(path: Path) -> tuple[list[Entry], list[str], bool]:
     reads `label` is a header."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
             rows = [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BadInput(f"cannot read the image list {path}: {exc}") from None
@@ -171,6 +171,9 @@ def pack(entries: list[Entry], geometry: Geometry, cache_dir: Path, skip_bad: bo
     data_path, meta_path = cache_dir / f"images-{key}.u8", cache_dir / f"images-{key}.json"
     if meta_path.is_file() and data_path.is_file():
         meta = json.loads(meta_path.read_text())
+        if meta["bad"] and not skip_bad:  # packed by a run that skipped them; this one did not ask to
+            first, why = next(iter(meta["bad"].items()))
+            raise BadInput(f"cannot read image {first}: {why} (--skip-bad-images leaves such files out)")
         kept = [entries[i] for i in meta["kept"]]
         settled = Geometry(tuple(meta["size"]), geometry.resize, geometry.interpolation, meta["channels"])
         shape = (1 if settled.channels == "grey" else 3, *settled.size)

@@ -44,7 +44,14 @@ def header(path: Path) -> tuple[int, int, bool]:
     if not path.is_file():
         raise BadImage("not a regular file")
     with _open(path) as im:
-        return im.size[0], im.size[1], im.mode in _GREY_MODES
+        width, height = im.size
+        try:  # an EXIF orientation that turns the image a quarter (5-8) swaps the sides decode gives
+            # (a PNG's getexif decodes the whole file when its eXIf chunk is not in the header: not asked then)
+            if ("exif" in im.info or im.format != "PNG") and im.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+        except Exception:  # odd EXIF: decode reports what is wrong with the file
+            pass
+        return width, height, im.mode in _GREY_MODES
 
 
 def _to_mode(im, channels: str):
@@ -53,7 +60,8 @@ def _to_mode(im, channels: str):
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         values = np.asarray(im, dtype=np.float64)
         if im.mode != "F":
-            values = values * (255.0 / 65535.0) if values.max(initial=0) > 255 else values
+            values = values * (255.0 / 65535.0) if im.mode.startswith("I;16") or values.max(initial=0) > 255 \
+                else values
         im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     target = "RGB" if channels == "rgb" else "L"
     if im.mode == "P" and "transparency" in im.info:

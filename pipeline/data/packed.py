@@ -63,6 +63,7 @@ class PackedImages:
             key.cpu() if isinstance(key, torch.Tensor) else key)
         if positions.dtype == bool:
             positions = np.flatnonzero(positions)
+        index_shape = positions.shape  # () for a 0-d index tensor: one image, as a tensor gives
         rows = self.rows[positions.astype(np.int64).reshape(-1)]
         out = np.empty((len(rows), self.image_bytes), dtype=np.uint8)
         fd, size = self._file(), self.image_bytes
@@ -79,7 +80,7 @@ class PackedImages:
             if got != block.nbytes:
                 raise OSError(f"{self.path}: short read at image {first}")
             start = end
-        return torch.from_numpy(out.reshape(len(rows), *self.image_shape))
+        return torch.from_numpy(out.reshape(*index_shape, *self.image_shape))
 
 
 def take(images, positions):

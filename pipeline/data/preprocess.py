@@ -40,7 +40,8 @@ class Preprocess:
         """What a deployed app does to an image before calling the artifact, in order."""
         h, w = self.size
         steps = ["decode the image and apply its EXIF orientation",
-                 "convert to RGB (drop alpha over black; CMYK and palette converted)" if self.channels == "rgb"
+                 "convert to RGB as PIL's Image.convert('RGB') does (alpha dropped, not blended; CMYK and palette "
+                 "converted; 16-bit scaled by 255/65535)" if self.channels == "rgb"
                  else "convert to greyscale (ITU-R 601-2 luma: L = 0.299 R + 0.587 G + 0.114 B)"]
         if self.resize:
             steps += [f"resize so the shorter side is {self.resize} px ({self.interpolation}, longer side "
