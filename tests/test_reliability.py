@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from testkit import config_file, lenient_target, subset_npz
+from testkit import config_file, lenient_target, subset_npz, write_photo_folder
 
 from edgecompress import data
 
@@ -103,3 +104,49 @@ def test_sigint_stops_with_one_line_and_the_rerun_resumes(setup, tmp_path):
     assert err.strip().splitlines()[-1].startswith("interrupted: finished stages and epochs are kept")
     assert "Traceback" not in err
     rerun_matches(command, run, straight, "resuming after epoch")
+
+
+@pytest.fixture(scope="module")
+def photo_setup(tmp_path_factory, fashion_raw):
+    """A streamed photo folder (JPEGs of mixed sizes, train/ and test/) distilled with crop-flip augmentation
+    and the FKD soft-label cache."""
+    root = tmp_path_factory.mktemp("photo-reliability")
+    classes = [f"c{i}" for i in range(10)]
+    for split, per_class in (("train", 120), ("test", 30)):
+        x, y = fashion_raw[f"x_{split}"], fashion_raw[f"y_{split}"]
+        idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
+        write_photo_folder(root / "photos" / split, x[idx], y[idx], classes, sizes=(36, 56))
+    factory = root / "teacher.py"
+    factory.write_text("import torch\nfrom edgecompress.models import create\n\n\n"
+                       "def build():\n    torch.manual_seed(1)\n    return create('resnet_slim_050', 3, 10)\n")
+    target = lenient_target(root / "t.toml")
+    conf = config_file(root / "c.toml", 3)
+    conf.write_text(conf.read_text() + 'augment = "crop-flip"\n')
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "edgecompress", "compress", "--teacher", f"{factory}:build", "--data",
+                str(root / "photos"), "--input-size", "32", "--resize", "36", "--student", "resnet_slim_050",
+                "--target", str(target), "--config", str(conf), "--out", str(out)]
+
+    straight = subprocess.run(command(root / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    return command, root / "straight"
+
+
+def test_sigkill_during_a_streamed_augmented_epoch_resumes_and_matches(photo_setup, tmp_path):
+    command, straight = photo_setup
+    history = json.loads((straight / "distill" / "history.json").read_text())["epochs"]
+    assert [e["teacher"] for e in history] == ["online"] * 3  # recorded into the FKD cache as it ran
+    run = tmp_path / "killed"
+    kill_when(command(run), run / "distill" / "last.ckpt")  # the kill lands in epoch 2
+    assert (run / "distill" / "soft_labels" / "epoch-1").is_dir()
+    assert not (run / "distill" / "student.pt").exists()
+    rerun_matches(command, run, straight, "resuming after epoch")
+
+
+def test_sigkill_while_decoding_the_folder_leaves_no_pack_and_the_rerun_matches(photo_setup, tmp_path):
+    command, straight = photo_setup
+    run = tmp_path / "killed"
+    kill_when(command(run), run / "data")
+    assert not list((run / "data").glob("images-*.u8"))  # only a temporary file, if anything
+    rerun_matches(command, run, straight, "[distill] running")
