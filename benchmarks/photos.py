@@ -10,6 +10,10 @@ The folders are written under --dir (never committed; reused when complete). Sec
 - loader: decoding into the packed file, images/s per worker count, on the first 6,000 training images;
 - distill: a distillation step (student forward/backward on cached teacher logits, SGD) at 224 px, images/s with
   the batches read from the packed file vs from the same images as an in-memory tensor, alternating;
+- augment: crop-flip augmentation on a 12,000-image subset at 224 px (a CSV list of the folder's files): a teacher
+  trained here for 3 epochs, then 2 epochs of KD with the teacher online on every batch, with the FKD cache
+  recording, and replaying that cache (`--force` into the same run directory): epoch seconds and student top-1
+  on 2,000 eval images;
 - compress: `edgecompress compress` on the whole 224 folder (`--epochs 1`), wall time per stage and the peak
   resident memory of the whole process tree, sampled every 0.2 s from /proc.
 
@@ -37,7 +41,7 @@ from edgecompress import data as datasets  # noqa: E402
 from edgecompress.data import folder as folders  # noqa: E402
 from edgecompress.runner import NoBar  # noqa: E402
 
-SECTIONS = ("write", "index", "loader", "distill", "compress")
+SECTIONS = ("write", "index", "loader", "distill", "augment", "compress")
 CLASSES = [c.replace("/", "-").replace(" ", "-") for c in datasets.FASHION_MNIST_CLASSES]
 
 # Models for 224-px RGB input small enough for this 2-core CPU: a 4x4 stride-4 stem (a patchify stem, as in
@@ -187,6 +191,97 @@ def distill_section(folder: Path, cache: Path, steps: int = 40, batch: int = 64,
             "in_memory_median": memory, "streaming_cost_pct": round(100 * (memory / streamed - 1), 1)}
 
 
+def subset_list(folder: Path, path: Path, train: int, test: int) -> Path:
+    """A CSV list of the first `train` / `test` images of each split, spread over the classes."""
+    lines = ["path,label,split"]
+    for split, count in (("train", train), ("test", test)):
+        per_class = count // len(CLASSES)
+        for c in CLASSES:
+            for f in sorted((folder / split / c).iterdir())[:per_class]:
+                lines.append(f"{f},{c},{split}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: int = 2) -> dict:
+    from edgecompress import config as cfg
+    from edgecompress import distill
+    from edgecompress.data import augment
+    from edgecompress.models import Normalized
+    from edgecompress.runner import RunContext, run_stage
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "models.py").write_text(MODELS)
+    listing = subset_list(folder, work / "subset.csv", 12000, 2000)
+    namespace: dict = {}
+    exec(compile(MODELS, "models.py", "exec"), namespace)  # the benchmark's own model file
+
+    def config(soft_labels: str) -> cfg.RunConfig:
+        conf = cfg.RunConfig(data=str(listing), teacher=cfg.TeacherConfig(f"{work / 'models.py'}:teacher",
+                                                                          str(work / "teacher.pt")))
+        conf.preprocess.size, conf.preprocess.channels = [224], "rgb"
+        d = conf.distill
+        d.student, d.epochs, d.augment, d.soft_labels = f"{work / 'models.py'}:student", epochs, "crop-flip", soft_labels
+        return conf.validate()
+
+    probe = RunContext(work / "teacher-run", config("online"), quiet=True)
+    ds = probe.data
+    mean, std = datasets.channel_stats(ds.x_train)
+    result = {"train_images": len(ds.y_train), "eval_images": len(ds.y_eval), "epochs": epochs}
+
+    def top1(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            hits = sum((model(datasets.to_float(ds.x_eval[i:i + 250])).argmax(1) == ds.y_eval[i:i + 250]).sum().item()
+                       for i in range(0, len(ds.y_eval), 250))
+        return hits / len(ds.y_eval)
+
+    if not (work / "teacher.pt").is_file():  # the teacher, trained with the same augmentation
+        torch.manual_seed(0)
+        teacher = Normalized(namespace["teacher"](), mean, std).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        steps = teacher_epochs * (len(ds.y_train) // 128)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.2)
+        gen, began = torch.Generator().manual_seed(0), time.perf_counter()
+        for epoch in range(teacher_epochs):
+            teacher.train()
+            views = augment.crop_params(len(ds.y_train), 224, 224, "crop-flip", (0.35, 1.0), 100, epoch)
+            order = torch.randperm(len(ds.y_train), generator=gen)
+            for s in range(len(ds.y_train) // 128):
+                idx = order[s * 128:(s + 1) * 128]
+                x = augment.apply(datasets.to_float(ds.x_train[idx]), views[idx]).contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(teacher(x).float(), ds.y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+            print(f"teacher epoch {epoch + 1}: {time.perf_counter() - began:.0f} s", flush=True)
+        torch.save({"state_dict": teacher.net.state_dict(), "meta": {"mean": mean, "std": std}}, work / "teacher.pt")
+        result["teacher_train_seconds"] = round(time.perf_counter() - began, 1)
+    teacher = Normalized(namespace["teacher"](), mean, std)
+    teacher.net.load_state_dict(torch.load(work / "teacher.pt", weights_only=True)["state_dict"])
+    result["teacher_top1"] = top1(teacher)
+
+    def distil(name: str, soft_labels: str, force: bool) -> dict:
+        ctx = RunContext(work / name, config(soft_labels), quiet=True, force=force)
+        run_stage(ctx, distill.STAGE)
+        history = json.loads((work / name / "distill" / "history.json").read_text())["epochs"]
+        student = distill.build_student(ctx)
+        student.load_state_dict(torch.load(work / name / "distill" / "student.pt", weights_only=True)["state_dict"])
+        row = {"teacher": [e["teacher"] for e in history], "epoch_seconds": [e["seconds"] for e in history],
+               "top1": top1(student)}
+        print(name, row, flush=True)
+        return row
+
+    result["online"] = distil("online", "online", force=True)
+    result["fkd_recording"] = distil("fkd", "cache", force=True)
+    result["fkd_replay"] = distil("fkd", "cache", force=True)
+    on, replay = np.median(result["online"]["epoch_seconds"]), np.median(result["fkd_replay"]["epoch_seconds"])
+    result["epoch_speedup_replay_vs_online"] = round(float(on / replay), 2)
+    return result
+
+
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of `pid` and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
@@ -222,24 +317,31 @@ def compress_section(folder: Path, work: Path, extra: list[str]) -> dict:
                f"{work / 'models.py'}:teacher", "--student", f"{work / 'models.py'}:student", "--epochs", "1",
                "--input-size", "224", "--channels", "rgb", "--target", str(work / "target.toml"), "--config",
                str(work / "config.toml"), "--out", str(run), "--quiet", *extra]
-    began, peak = time.perf_counter(), 0
+    began, peak, peak_at, timeline = time.perf_counter(), 0, 0.0, []
+    wall_start = time.time()
     proc = subprocess.Popen(command)
     while proc.poll() is None:
-        peak = max(peak, tree_rss_bytes(proc.pid))
+        rss, now = tree_rss_bytes(proc.pid), time.perf_counter() - began
+        if rss > peak:
+            peak, peak_at = rss, now
+        if not timeline or now - timeline[-1][0] >= 5:
+            timeline.append((round(now, 1), round(rss / 2**20)))
         time.sleep(0.2)
     seconds = time.perf_counter() - began
-    stages = {}
-    for stage in ("distill", "quantize", f"export/x86-cpu-nobudget", "verify"):
+    stages, stage_ends = {}, {}
+    for stage in ("distill", "quantize", "export/x86-cpu-nobudget", "verify"):
         done = run / stage / "done.json"
         if done.is_file():
             stages[stage] = json.loads(done.read_text())["seconds"]
+            stage_ends[stage] = round(done.stat().st_mtime - wall_start, 1)
     report = run / "verify" / "report.json"
     top1 = {}
     if report.is_file():
         r = json.loads(report.read_text())
         top1 = {k: r[k]["accuracy"] for k in ("teacher", "student_fp32", "artifact")}
     return {"command": " ".join(command), "exit_code": proc.returncode, "seconds": round(seconds, 1),
-            "stage_seconds": stages, "peak_tree_rss_mib": round(peak / 2**20), "top1": top1,
+            "stage_seconds": stages, "stage_ends_s": stage_ends, "peak_tree_rss_mib": round(peak / 2**20),
+            "peak_at_s": round(peak_at, 1), "rss_timeline_mib": timeline, "top1": top1,
             "note": "teacher untrained (a factory model, random init): this section measures memory and time"}
 
 
@@ -258,6 +360,17 @@ def markdown(result: dict) -> str:
         d = result["distill"]
         lines += ["", f"Distill step at 224 px (batch {d['batch']}): streamed {d['streamed_median']} images/s, in memory "
                   f"{d['in_memory_median']} images/s: streaming costs {d['streaming_cost_pct']}% of the step time."]
+    if "augment" in result:
+        a = result["augment"]
+        lines += ["", f"Crop-flip KD at 224 px, {a['train_images']} training images, {a['epochs']} epochs; teacher "
+                  f"top-1 {a['teacher_top1']:.2%} on {a['eval_images']} eval images:", "",
+                  "| soft labels | teacher | epoch s | student top-1 |", "|---|---|---|---|"]
+        for key, label in (("online", "teacher online"), ("fkd_recording", "FKD cache, recording"),
+                           ("fkd_replay", "FKD cache, replayed")):
+            r = a[key]
+            lines.append(f"| {label} | {', '.join(sorted(set(r['teacher'])))} | "
+                         f"{' / '.join(str(v) for v in r['epoch_seconds'])} | {r['top1']:.2%} |")
+        lines += ["", f"Replayed epochs run {a['epoch_speedup_replay_vs_online']}x faster than with the teacher online."]
     if "compress" in result:
         c = result["compress"]
         lines += ["", f"compress on the 224 folder: exit {c['exit_code']}, {c['seconds']} s ({c['stage_seconds']}), "
@@ -285,6 +398,8 @@ def main() -> int:
         result["loader"] = loader_section(folder)
     if "distill" in sections:
         result["distill"] = distill_section(folder, args.dir / "cache")
+    if "augment" in sections:
+        result["augment"] = augment_section(folder, args.dir / "augment")
     if "compress" in sections:
         result["compress"] = compress_section(folder, args.dir / "compress", args.compress_args.split())
     save_results(args.out, "photos", result, markdown(result))

@@ -142,7 +142,8 @@ def teacher_logits(ctx: RunContext, which: int, model: nn.Module, device: torch.
     logits = cached()
     if logits is None:
         model = model.to(device).to(memory_format=torch.channels_last)
-        x_all, batch, out = ctx.data.x_train, 500, []
+        x_all, out = ctx.data.x_train, []
+        batch = datasets.inference_batch(x_all, 500)
         with ctx.progress(range(0, len(x_all), batch), f"teacher {which} logits") as bar:
             for i in bar:
                 x = datasets.to_float(x_all[i:i + batch]).to(device).contiguous(memory_format=torch.channels_last)

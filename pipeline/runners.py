@@ -87,6 +87,7 @@ class OrtRunner:
 def predict(runner, x: torch.Tensor, batch: int, progress=None) -> np.ndarray:
     """Logits of `runner` over all images of `x` (uint8 or float NCHW), in batches."""
     out = []
+    batch = datasets.inference_batch(x, batch)
     starts = range(0, len(x), batch)
     for i in (progress(starts) if progress else starts):
         out.append(runner(datasets.to_float(x[i:i + batch]).numpy()))

@@ -123,7 +123,54 @@ def case_teacher_class_count_mismatch(w, npz, teacher):
 def case_teacher_input_shape_mismatch(w, npz, teacher):
     spec = w.inputs / "rgb_teacher.py"
     spec.write_text("from edgecompress.models import create\n\n\ndef build():\n    return create('resnet_slim_050', 3, 10)\n")
-    return ["--data", str(npz), "--teacher", f"{spec}:build", *STUDENT], ["cannot take the data's images", "(1, 28, 28)"]
+    return ["--data", str(npz), "--teacher", f"{spec}:build", *STUDENT], ["cannot take the data's images", "(1, 28, 28)",
+                                                                       "declare --channels rgb"]
+
+
+def _photo_folder(w, npz, count=20):
+    from PIL import Image
+
+    x, y = np.load(npz)["x"], np.load(npz)["y"]
+    for i in range(count):
+        folder = w.inputs / "photos" / f"c{int(y[i * 10]) % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i * 10]).convert("RGB").save(folder / f"{i}.jpg")
+    return w.inputs / "photos"
+
+
+def case_no_readable_image_in_folder(w, npz, teacher):
+    folder = _photo_folder(w, npz, 4)
+    for f in folder.rglob("*.jpg"):
+        f.write_bytes(b"\xff\xd8 not really a jpeg")
+    return ["--data", str(folder), "--teacher", teacher, *STUDENT, "--skip-bad-images"], \
+        ["no readable image among the 4 files"]
+
+
+def case_teacher_too_small_for_the_size(w, npz, teacher):
+    spec = w.inputs / "fixed.py"
+    spec.write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    return ["--data", str(npz), "--teacher", f"{spec}:build", *STUDENT, "--input-size", "32"], \
+        ["cannot take the data's images of shape (1, 32, 32)", "--input-size"]
+
+
+def case_mean_of_the_wrong_length(w, npz, teacher):
+    return ["--data", str(npz), "--teacher", teacher, *STUDENT, "--mean", "0.5,0.5", "--std", "0.2,0.2"], \
+        ["one value per channel (1 or 3)"]
+
+
+def case_mean_for_rgb_on_grey_channels(w, npz, teacher):
+    return ["--data", str(npz), "--teacher", teacher, *STUDENT, "--channels", "grey", "--mean", "0.5,0.5,0.5",
+            "--std", "0.2,0.2,0.2"], ["preprocess.mean has 3 values but channels = 'grey' has 1"]
+
+
+def case_csv_naming_missing_files(w, npz, teacher):
+    listing = w.inputs / "list.csv"
+    listing.write_text("path,label\na/1.jpg,cat\na/2.jpg,dog\nb/3.jpg,cat\nb/4.jpg,dog\n")
+    return ["--data", str(listing), "--teacher", teacher, *STUDENT], ["4 listed images do not exist", "a/1.jpg, a/2.jpg"]
+
+
+def case_bad_input_size(w, npz, teacher):
+    return ["--data", str(npz), "--teacher", teacher, *STUDENT, "--input-size", "224y160"], ["--input-size", "224x160"]
 
 
 def case_truncated_onnx_teacher(w, npz, teacher):
@@ -263,7 +310,9 @@ CASES = [
     case_ckpt_text_file, case_ckpt_empty_file, case_ckpt_truncated, case_ckpt_wrong_architecture,
     case_epochs_zero, case_epochs_negative, case_epochs_not_a_number, case_unknown_option,
     case_teacher_input_shape_mismatch, case_truncated_onnx_teacher, case_config_key_typo, case_one_class_data,
-    case_corrupt_image_in_folder,
+    case_corrupt_image_in_folder, case_no_readable_image_in_folder, case_teacher_too_small_for_the_size,
+    case_mean_of_the_wrong_length, case_mean_for_rgb_on_grey_channels, case_csv_naming_missing_files,
+    case_bad_input_size,
 ]
 
 

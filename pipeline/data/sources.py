@@ -65,6 +65,16 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+BATCH_BYTES = 64 << 20  # float pixels per inference batch: 500 Fashion-MNIST images, 111 RGB images at 224 px
+
+
+def inference_batch(images, wanted: int) -> int:
+    """`wanted`, lowered so that one batch of float pixels stays under BATCH_BYTES: an eval batch sized for 28-px
+    images would take 300 MB of input (and an ONNX Runtime arena to match) at 224 px."""
+    per_image = 4 * int(np.prod(images.shape[1:]))
+    return max(1, min(wanted, BATCH_BYTES // per_image))
+
+
 def stratified_sample(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """`count` indices drawn evenly from every class (as far as each class allows), fixed by `seed`."""
     gen = torch.Generator().manual_seed(seed)
