@@ -11,8 +11,9 @@ The folders are written under --dir (never committed; reused when complete). Sec
 - distill: a distillation step (student forward/backward on cached teacher logits, SGD) at 224 px, images/s with
   the batches read from the packed file vs from the same images as an in-memory tensor, alternating;
 - augment: crop-flip augmentation on a 12,000-image subset at 224 px (a CSV list of the folder's files): a teacher
-  trained here for 3 epochs, then 2 epochs of KD with the teacher online on every batch, with the FKD cache
-  recording, and replaying that cache (`--force` into the same run directory): epoch seconds and student top-1
+  (`wide_teacher`, 16x the student's MACs) trained here for 3 epochs, then per seed 2 epochs of KD with the
+  teacher online on every batch while the FKD cache records (the same arithmetic as `soft_labels = "online"`),
+  and the same run replaying that cache (`--force` into the same run directory): epoch seconds and student top-1
   on 2,000 eval images;
 - compress: `edgecompress compress` on the whole 224 folder (`--epochs 1`), wall time per stage and the peak
   resident memory of the whole process tree, sampled every 0.2 s from /proc.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,10 @@ def net(width):
 
 def teacher():
     return net(16)
+
+
+def wide_teacher():  # 16x the student's multiply-accumulates (ResNet-50 over MobileNetV3-small is about 70x)
+    return net(32)
 
 
 def student():
@@ -151,7 +157,7 @@ def loader_section(folder: Path, images: int = 6000) -> dict:
                                   "process writes"}
 
 
-def distill_section(folder: Path, cache: Path, steps: int = 40, batch: int = 64, rounds: int = 3) -> dict:
+def distill_section(folder: Path, cache: Path, steps: int = 60, batch: int = 64, rounds: int = 5) -> dict:
     """Streamed vs in-memory batches through the same training step; alternating rounds."""
     ds = datasets.load(str(folder), geometry=datasets.Geometry((224, 224), 0, "bilinear", "rgb"), cache_dir=cache)
     count = steps * batch
@@ -203,7 +209,7 @@ def subset_list(folder: Path, path: Path, train: int, test: int) -> Path:
     return path
 
 
-def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: int = 2) -> dict:
+def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: int = 2, seeds=(0, 1, 2)) -> dict:
     from edgecompress import config as cfg
     from edgecompress import distill
     from edgecompress.data import augment
@@ -216,18 +222,19 @@ def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: i
     namespace: dict = {}
     exec(compile(MODELS, "models.py", "exec"), namespace)  # the benchmark's own model file
 
-    def config(soft_labels: str) -> cfg.RunConfig:
-        conf = cfg.RunConfig(data=str(listing), teacher=cfg.TeacherConfig(f"{work / 'models.py'}:teacher",
-                                                                          str(work / "teacher.pt")))
+    def config(soft_labels: str, seed: int = 0, mode: str = "crop-flip") -> cfg.RunConfig:
+        conf = cfg.RunConfig(data=str(listing), seed=seed, teacher=cfg.TeacherConfig(
+            f"{work / 'models.py'}:wide_teacher", str(work / "wide_teacher.pt")))
         conf.preprocess.size, conf.preprocess.channels = [224], "rgb"
         d = conf.distill
-        d.student, d.epochs, d.augment, d.soft_labels = f"{work / 'models.py'}:student", epochs, "crop-flip", soft_labels
+        d.student, d.epochs, d.augment, d.soft_labels = f"{work / 'models.py'}:student", epochs, mode, soft_labels
         return conf.validate()
 
     probe = RunContext(work / "teacher-run", config("online"), quiet=True)
     ds = probe.data
     mean, std = datasets.channel_stats(ds.x_train)
-    result = {"train_images": len(ds.y_train), "eval_images": len(ds.y_eval), "epochs": epochs}
+    result = {"train_images": len(ds.y_train), "eval_images": len(ds.y_eval), "epochs": epochs, "seeds": seeds,
+              "teacher": "wide_teacher (net(32)); student net(8)"}
 
     def top1(model) -> float:
         model.eval()
@@ -236,9 +243,9 @@ def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: i
                        for i in range(0, len(ds.y_eval), 250))
         return hits / len(ds.y_eval)
 
-    if not (work / "teacher.pt").is_file():  # the teacher, trained with the same augmentation
+    if not (work / "wide_teacher.pt").is_file():  # the teacher, trained with the same augmentation
         torch.manual_seed(0)
-        teacher = Normalized(namespace["teacher"](), mean, std).to(memory_format=torch.channels_last)
+        teacher = Normalized(namespace["wide_teacher"](), mean, std).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
         steps = teacher_epochs * (len(ds.y_train) // 128)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.2)
@@ -249,7 +256,8 @@ def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: i
             order = torch.randperm(len(ds.y_train), generator=gen)
             for s in range(len(ds.y_train) // 128):
                 idx = order[s * 128:(s + 1) * 128]
-                x = augment.apply(datasets.to_float(ds.x_train[idx]), views[idx]).contiguous(memory_format=torch.channels_last)
+                x = augment.apply(datasets.to_float(ds.x_train[idx]).contiguous(memory_format=torch.channels_last),
+                                  views[idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = torch.nn.functional.cross_entropy(teacher(x).float(), ds.y_train[idx])
                 opt.zero_grad()
@@ -257,28 +265,36 @@ def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: i
                 opt.step()
                 sched.step()
             print(f"teacher epoch {epoch + 1}: {time.perf_counter() - began:.0f} s", flush=True)
-        torch.save({"state_dict": teacher.net.state_dict(), "meta": {"mean": mean, "std": std}}, work / "teacher.pt")
+        torch.save({"state_dict": teacher.net.state_dict(), "meta": {"mean": mean, "std": std}},
+                   work / "wide_teacher.pt")
         result["teacher_train_seconds"] = round(time.perf_counter() - began, 1)
-    teacher = Normalized(namespace["teacher"](), mean, std)
-    teacher.net.load_state_dict(torch.load(work / "teacher.pt", weights_only=True)["state_dict"])
+    teacher = Normalized(namespace["wide_teacher"](), mean, std)
+    teacher.net.load_state_dict(torch.load(work / "wide_teacher.pt", weights_only=True)["state_dict"])
     result["teacher_top1"] = top1(teacher)
 
-    def distil(name: str, soft_labels: str, force: bool) -> dict:
-        ctx = RunContext(work / name, config(soft_labels), quiet=True, force=force)
+    def distil(name: str, seed: int, mode: str = "crop-flip") -> dict:
+        ctx = RunContext(work / name, config("cache", seed, mode), quiet=True, force=True)
         run_stage(ctx, distill.STAGE)
         history = json.loads((work / name / "distill" / "history.json").read_text())["epochs"]
         student = distill.build_student(ctx)
         student.load_state_dict(torch.load(work / name / "distill" / "student.pt", weights_only=True)["state_dict"])
-        row = {"teacher": [e["teacher"] for e in history], "epoch_seconds": [e["seconds"] for e in history],
-               "top1": top1(student)}
+        row = {"seed": seed, "teacher": [e["teacher"] for e in history],
+               "epoch_seconds": [e["seconds"] for e in history], "top1": top1(student)}
         print(name, row, flush=True)
         return row
 
-    result["online"] = distil("online", "online", force=True)
-    result["fkd_recording"] = distil("fkd", "cache", force=True)
-    result["fkd_replay"] = distil("fkd", "cache", force=True)
-    on, replay = np.median(result["online"]["epoch_seconds"]), np.median(result["fkd_replay"]["epoch_seconds"])
-    result["epoch_speedup_replay_vs_online"] = round(float(on / replay), 2)
+    result["online"], result["fkd_replay"] = [], []
+    for seed in seeds:
+        shutil.rmtree(work / f"fkd-seed{seed}" / "distill" / "soft_labels", ignore_errors=True)
+        result["online"].append(distil(f"fkd-seed{seed}", seed))  # records the cache as the teacher runs
+        result["fkd_replay"].append(distil(f"fkd-seed{seed}", seed))
+    result["no_augment"] = [distil(f"none-seed{seed}", seed, "none") for seed in seeds]  # cached plain logits
+    online = np.median([s for r in result["online"] for s in r["epoch_seconds"]])
+    replay = np.median([s for r in result["fkd_replay"] for s in r["epoch_seconds"]])
+    result["epoch_speedup_replay_vs_online"] = round(float(online / replay), 2)
+    diffs = [b["top1"] - a["top1"] for a, b in zip(result["online"], result["fkd_replay"])]
+    result["top1_replay_minus_online"] = {"per_seed": [round(d, 4) for d in diffs],
+                                          "mean": round(float(np.mean(diffs)), 4)}
     return result
 
 
@@ -362,15 +378,19 @@ def markdown(result: dict) -> str:
                   f"{d['in_memory_median']} images/s: streaming costs {d['streaming_cost_pct']}% of the step time."]
     if "augment" in result:
         a = result["augment"]
-        lines += ["", f"Crop-flip KD at 224 px, {a['train_images']} training images, {a['epochs']} epochs; teacher "
-                  f"top-1 {a['teacher_top1']:.2%} on {a['eval_images']} eval images:", "",
-                  "| soft labels | teacher | epoch s | student top-1 |", "|---|---|---|---|"]
-        for key, label in (("online", "teacher online"), ("fkd_recording", "FKD cache, recording"),
-                           ("fkd_replay", "FKD cache, replayed")):
-            r = a[key]
-            lines.append(f"| {label} | {', '.join(sorted(set(r['teacher'])))} | "
-                         f"{' / '.join(str(v) for v in r['epoch_seconds'])} | {r['top1']:.2%} |")
-        lines += ["", f"Replayed epochs run {a['epoch_speedup_replay_vs_online']}x faster than with the teacher online."]
+        lines += ["", f"Crop-flip KD at 224 px, {a['train_images']} training images, {a['epochs']} epochs, {a['teacher']}; "
+                  f"teacher top-1 {a['teacher_top1']:.2%} on {a['eval_images']} eval images:", "",
+                  "| seed | teacher online: epoch s | top-1 | FKD cache replayed: epoch s | top-1 |", "|---|---|---|---|---|"]
+        for on, re in zip(a["online"], a["fkd_replay"]):
+            lines.append(f"| {on['seed']} | {' / '.join(map(str, on['epoch_seconds']))} | {on['top1']:.2%} | "
+                         f"{' / '.join(map(str, re['epoch_seconds']))} | {re['top1']:.2%} |")
+        for row in a.get("no_augment", []):
+            lines.append(f"| {row['seed']}, no augmentation (cached logits) | {' / '.join(map(str, row['epoch_seconds']))} "
+                         f"| {row['top1']:.2%} | | |")
+        d = a["top1_replay_minus_online"]
+        lines += ["", f"Replayed epochs run {a['epoch_speedup_replay_vs_online']}x faster than with the teacher online; "
+                  f"top-1 replayed minus online: {d['mean'] * 100:+.2f} pt on average "
+                  f"({', '.join(f'{v * 100:+.2f}' for v in d['per_seed'])})."]
     if "compress" in result:
         c = result["compress"]
         lines += ["", f"compress on the 224 folder: exit {c['exit_code']}, {c['seconds']} s ({c['stage_seconds']}), "

@@ -1,5 +1,5 @@
 """Distillation methods, mdistiller-style: each is one small class whose `forward_train` returns
-`(student_logits, {loss_name: loss})`; the trainer (distill.py) sums the losses.
+`(student_logits, {loss_name: loss})`; the trainer (distill/trainer.py) sums the losses.
 
 A method declares what it needs as class attributes, so the trainer builds hooks, teacher forwards and extra
 optimised modules only when asked:
@@ -7,7 +7,7 @@ optimised modules only when asked:
 - `uses_teacher`: False for schemes without a fixed teacher (the baseline, mutual learning, self-distillation).
 - `teacher_features`: the teacher must be a torch model run every step with feature hooks (feature, relation
   and contrastive methods); an ONNX teacher is refused. Otherwise the teacher's logits are computed once and
-  cached, since the training images are not augmented.
+  cached, or with augmentation recorded per epoch in the FKD cache (data/softlabels.py).
 - `student_features`: the student's features are captured by hooks: `feature_maps` (paired stage ends) and/or
   `embeddings` (the input of the last linear layer, for relation and contrastive methods).
 - `kd_config`: the method takes distill.temperature / distill.alpha (its KD term is Hinton's).
@@ -15,7 +15,7 @@ optimised modules only when asked:
   than one.
 - `needs_index`: the dataset index of each sample (CRD's memory bank).
 - `supplies_inputs`: the method makes its own training inputs (data-free distillation): the pipeline then runs
-  its own distill stage (datafree.STAGE), which never reads the training images or labels.
+  its own distill stage (distill/datafree.py), which never reads the training images or labels.
 
 Trainable parts beyond the student (regressors, projection heads, discriminators, auxiliary heads, peer students)
 are submodules of the distiller, so `distiller.parameters()` hands them to the one optimizer; `distiller.student`
@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BadInput, StageFailed
+from .errors import BadInput
 
 METHODS: dict[str, type["Distiller"]] = {}
 
@@ -689,35 +688,68 @@ def build(method: str, student: nn.Module, setup: Setup | None = None, **given) 
     return METHODS[method](student, setup or Setup(num_classes=0), **hp)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, epoch: int, lr: float,
-                   checkpoint: Path) -> None:
-    """One step of the distill and data-free trainers; a NaN or Inf loss stops the stage, naming the last good
-    checkpoint and the setting to lower."""
-    if not torch.isfinite(loss):
-        raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: lower the learning "
-                          f"rate (distill.lr = {lr}); the last good checkpoint is {checkpoint}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
+def method_options(conf) -> dict:
+    """The options given to the method of a [distill] config: distill.temperature/alpha for the methods that take
+    them (Hinton-style KD terms), then distill.method_opts, which win."""
+    cls = METHODS[conf.method]
+    given = {k: v for k, v in (("temperature", conf.temperature), ("alpha", conf.alpha)) if cls.kd_config}
+    return resolve_options(conf.method, {**given, **conf.method_opts})
 
 
-def restore_checkpoint(path: Path, key: str, states: dict) -> dict | None:
-    """Load each object in `states` (anything with load_state_dict, or a torch.Generator) from the trainer's
-    checkpoint at `path` when it was written under `key`; returns the checkpoint, or None when there is none for
-    this key (other settings or data), so the trainer starts over."""
-    if not path.is_file():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("key") != key:
-        return None
-    for name, state in states.items():
-        if isinstance(state, torch.Generator):
-            state.set_state(ckpt[name])
-        else:
-            state.load_state_dict(ckpt[name])
-    return ckpt
+# --- data-free (its synthesis and stage are in datafree.py) -------------------------------------------------------
+
+METHOD_DATAFREE = "datafree"  # the distill.method value that selects the data-free stage
 
 
-from . import datafree  # noqa: E402,F401  (registers the data-free method, which lives in its own module)
+@dataclass
+class DataFreeConfig:
+    """Synthesis and student-training settings. The paper's CIFAR-10 settings (Adam lr 0.05 with betas (0.5, 0.9),
+    2k iterations, batch 256, BN weight 10, jitter 2 px and flips) are scaled down for a 2-core CPU: 30 iterations
+    with a cosine-decayed learning rate, a BN weight of 1 (at 10 the class term was still at chance after 30
+    steps), the ImageNet code's weight of 10 on the first BN layer, and no jitter: with wrapping shifts every
+    position looks alike to the objective, which then tiles the frame with texture."""
 
+    images: int = 1200              # synthetic images, target classes sampled evenly
+    batch: int = 100                # images optimised together: BN statistics are matched over a batch (paper 256)
+    iterations: int = 30            # Adam steps per batch (paper 2000)
+    lr: float = 0.05                # Adam learning rate on [0, 1] pixels, cosine-decayed (paper 0.05)
+    bn_weight: float = 1.0          # weight of the BN statistics term (paper's CIFAR-10 setting 10)
+    first_bn_multiplier: float = 10.0  # extra weight on the first BN layer (the paper's ImageNet code uses 10)
+    tv_weight: float = 3.0          # squared total variation prior (on mean squared differences, see total_variation)
+    l2_weight: float = 3.0          # mean squared pixel prior: pulls what the teacher does not need to black
+    jitter: int = 0                 # random wrapping shift in pixels each step (paper: 2 px on 32x32)
+    flip: bool = True               # random horizontal flip each step
+    init: str = "blob"              # blob: a centred ellipse on black; noise: N(mean, std) of the teacher's input
+    shift: int = 2                  # student training: random per-image shift in pixels (zero padding)
+    mixup: bool = True              # student training: mix random pairs of synthetic images
+
+    def check(self) -> DataFreeConfig:
+        for name in ("images", "batch", "iterations"):
+            if getattr(self, name) <= 0:
+                raise BadInput(f"datafree option {name} must be > 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise BadInput(f"datafree option lr must be > 0, got {self.lr}")
+        if self.init not in ("blob", "noise"):
+            raise BadInput(f"datafree option init must be blob or noise, got {self.init!r}")
+        for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "jitter", "shift"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"datafree option {name} must be >= 0, got {getattr(self, name)}")
+        return self
+
+
+
+@register
+class DataFree(Distiller):
+    """Data-free KD: DeepInversion (Yin et al., CVPR 2020, arXiv:1912.08795) synthesises the inputs from the teacher
+    alone (loss in this module's docstring), then Hinton KD on augmented synthetic images:
+
+    L = T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) on synthetic x' (no label term: there are no labels)
+    """
+
+    name, family, paper = METHOD_DATAFREE, "data-free", "arXiv:1912.08795"
+    supplies_inputs = True
+    defaults = {**asdict(DataFreeConfig()), "temperature": 4.0}
+
+    def forward_train(self, x, y=None, teacher_logits=None, teacher=None, index=None):
+        logits = self.student(x)
+        return logits, {"kd": kd_loss(logits, teacher_logits, self.hp["temperature"])}

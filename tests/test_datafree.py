@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress import compress, datafree, distill, distillers
+from edgecompress import compress, distill, distillers
+from edgecompress.distill import datafree
 from edgecompress import data as datasets
 from edgecompress.cli import main
 from edgecompress.config import RunConfig

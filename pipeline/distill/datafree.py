@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -45,48 +45,14 @@ from torch import nn
 
 from edgecompress.models import count_params
 
-from . import distillers, files
-from .distillers import kd_loss
-from .errors import BadInput, StageFailed
-from .runner import RunContext, digest
+from .. import distillers, files
+from ..distillers import METHOD_DATAFREE as METHOD
+from ..distillers import DataFreeConfig, method_options
+from ..errors import BadInput, StageFailed
+from ..runner import RunContext, digest
+from . import trainer
+from .trainer import build_student, device_and_precision
 
-METHOD = "datafree"  # the distill.method value that selects this stage
-
-
-@dataclass
-class DataFreeConfig:
-    """Synthesis and student-training settings. The paper's CIFAR-10 settings (Adam lr 0.05 with betas (0.5, 0.9),
-    2k iterations, batch 256, BN weight 10, jitter 2 px and flips) are scaled down for a 2-core CPU: 30 iterations
-    with a cosine-decayed learning rate, a BN weight of 1 (at 10 the class term was still at chance after 30
-    steps), the ImageNet code's weight of 10 on the first BN layer, and no jitter: with wrapping shifts every
-    position looks alike to the objective, which then tiles the frame with texture."""
-
-    images: int = 1200              # synthetic images, target classes sampled evenly
-    batch: int = 100                # images optimised together: BN statistics are matched over a batch (paper 256)
-    iterations: int = 30            # Adam steps per batch (paper 2000)
-    lr: float = 0.05                # Adam learning rate on [0, 1] pixels, cosine-decayed (paper 0.05)
-    bn_weight: float = 1.0          # weight of the BN statistics term (paper's CIFAR-10 setting 10)
-    first_bn_multiplier: float = 10.0  # extra weight on the first BN layer (the paper's ImageNet code uses 10)
-    tv_weight: float = 3.0          # squared total variation prior (on mean squared differences, see total_variation)
-    l2_weight: float = 3.0          # mean squared pixel prior: pulls what the teacher does not need to black
-    jitter: int = 0                 # random wrapping shift in pixels each step (paper: 2 px on 32x32)
-    flip: bool = True               # random horizontal flip each step
-    init: str = "blob"              # blob: a centred ellipse on black; noise: N(mean, std) of the teacher's input
-    shift: int = 2                  # student training: random per-image shift in pixels (zero padding)
-    mixup: bool = True              # student training: mix random pairs of synthetic images
-
-    def check(self) -> DataFreeConfig:
-        for name in ("images", "batch", "iterations"):
-            if getattr(self, name) <= 0:
-                raise BadInput(f"datafree option {name} must be > 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise BadInput(f"datafree option lr must be > 0, got {self.lr}")
-        if self.init not in ("blob", "noise"):
-            raise BadInput(f"datafree option init must be blob or noise, got {self.init!r}")
-        for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight", "jitter", "shift"):
-            if getattr(self, name) < 0:
-                raise BadInput(f"datafree option {name} must be >= 0, got {getattr(self, name)}")
-        return self
 
 
 class BatchNormStatistics:
@@ -288,66 +254,42 @@ def augment(x: torch.Tensor, shift: int, mixup: bool, gen: torch.Generator) -> t
     return x
 
 
-@dataclass
-class StudentSchedule:
-    """How the student learns from the synthetic set: distill's epochs, batch, lr and weight decay."""
+class SyntheticBatches:
+    """The synthetic images as the trainer's input source (trainer.Batches): a seeded order, each batch augmented
+    for the student (shift, flip, mixup); there are no labels."""
 
-    epochs: int
-    batch: int
-    lr: float
-    weight_decay: float
+    has_labels = False
+
+    def __init__(self, images: torch.Tensor, batch: int, conf: DataFreeConfig, device: torch.device):
+        self.pixels, self.batch, self.conf, self.device = images.float() / 255, batch, conf, device
+        self.steps_per_epoch = len(images) // batch
+        if self.steps_per_epoch == 0:
+            raise BadInput(f"distill.batch {batch} is larger than the {len(images)} synthetic images: "
+                           "raise the datafree option images or lower distill.batch")
+
+    def epoch(self, gen: torch.Generator):
+        order = torch.randperm(len(self.pixels), generator=gen)
+        for step in range(self.steps_per_epoch):
+            idx = order[step * self.batch:(step + 1) * self.batch]
+            x = augment(self.pixels[idx], self.conf.shift, self.conf.mixup, gen)
+            yield x.to(self.device).contiguous(memory_format=torch.channels_last), None, idx
 
 
-def train_student(distiller: DataFree, teacher: nn.Module, images: torch.Tensor, conf: DataFreeConfig,
-                  schedule: StudentSchedule, seed: int, ckpt_path: Path, key: str, progress,
-                  log: Callable[[str], None], autocast: torch.dtype | None = None,
-                  device: torch.device | None = None) -> list[dict]:
-    """`distiller`'s loss (Hinton KD) on augmented synthetic images, the teacher's soft targets computed on each
-    augmented batch. Checkpoints after each epoch under `key`; a rerun with the same key resumes after the last
-    finished one."""
-    student, device = distiller.student, device or torch.device("cpu")
-    steps = len(images) // schedule.batch
-    if steps == 0:
-        raise BadInput(f"distill.batch {schedule.batch} is larger than the {len(images)} synthetic images: "
-                       "raise the datafree option images or lower distill.batch")
-    opt = torch.optim.SGD(student.parameters(), lr=schedule.lr, momentum=0.9, nesterov=True,
-                          weight_decay=schedule.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=schedule.epochs * steps,
-                                                pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    history, start = [], 0
-    ckpt = distillers.restore_checkpoint(ckpt_path, key, {"student": student, "optimizer": opt, "scheduler": sched,
-                                                         "generator": gen})
-    if ckpt:
-        history, start = ckpt["history"], ckpt["epoch"]
-        log(f"[distill] resuming after epoch {start}/{schedule.epochs}")
-    pixels = images.float() / 255
-    for epoch in range(start, schedule.epochs):
-        student.train()
-        order = torch.randperm(len(images), generator=gen)
-        began, total, agree, seen = time.perf_counter(), 0.0, 0, 0
-        with progress(range(steps), f"epoch {epoch + 1}/{schedule.epochs}") as bar:
-            for step in bar:
-                x = augment(pixels[order[step * schedule.batch:(step + 1) * schedule.batch]], conf.shift,
-                            conf.mixup, gen).to(device).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    with torch.no_grad():
-                        target = teacher(x).float()
-                    logits, losses = distiller.forward_train(x, None, target)
-                loss = sum(losses.values())
-                distillers.optimizer_step(loss, opt, sched, epoch, schedule.lr, ckpt_path)
-                total += loss.item() * len(x)
-                agree += (logits.argmax(1) == target.argmax(1)).sum().item()
-                seen += len(x)
-        seconds = time.perf_counter() - began
-        history.append({"epoch": epoch + 1, "kd": round(total / seen, 5), "teacher_agreement": round(agree / seen, 5),
-                        "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1)})
-        log(f"[distill] epoch {epoch + 1}/{schedule.epochs} " +
-            " ".join(f"{k}={v}" for k, v in history[-1].items() if k != "epoch"))
-        with files.atomic_path(ckpt_path) as tmp:
-            torch.save({"key": key, "epoch": epoch + 1, "student": student.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "generator": gen.get_state(), "history": history}, tmp)
-    return history
+class OnlineTeacher:
+    """The teacher's soft targets recomputed on every augmented batch (trainer.Teacher)."""
+
+    def __init__(self, teacher: nn.Module, amp: Callable):
+        self.teacher, self.amp = teacher, amp
+
+    def begin(self, epoch: int) -> str:
+        return "online"
+
+    def answer(self, x: torch.Tensor, idx: torch.Tensor):
+        with torch.no_grad(), self.amp():
+            return x, self.teacher(x).float(), None
+
+    def end(self) -> None:
+        pass
 
 
 def inputs(ctx: RunContext) -> dict:
@@ -358,27 +300,8 @@ def inputs(ctx: RunContext) -> dict:
             "data": {"classes": ds.classes, "input_shape": list(ds.input_shape)}, **ctx.teacher_inputs}
 
 
-@distillers.register
-class DataFree(distillers.Distiller):
-    """Data-free KD: DeepInversion (Yin et al., CVPR 2020, arXiv:1912.08795) synthesises the inputs from the teacher
-    alone (loss in this module's docstring), then Hinton KD on augmented synthetic images:
-
-    L = T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) on synthetic x' (no label term: there are no labels)
-    """
-
-    name, family, paper = METHOD, "data-free", "arXiv:1912.08795"
-    supplies_inputs = True
-    defaults = {**asdict(DataFreeConfig()), "temperature": 4.0}
-
-    def forward_train(self, x, y=None, teacher_logits=None, teacher=None, index=None):
-        logits = self.student(x)
-        return logits, {"kd": kd_loss(logits, teacher_logits, self.hp["temperature"])}
-
-
 def run(ctx: RunContext) -> Path:
     """The distill stage for data-free methods: synthesise (cached batch by batch), then distil the student."""
-    from .distill import build_student, device_and_precision, method_options
-
     dconf, seed = ctx.config.distill, ctx.config.seed
     opts = method_options(dconf)
     conf = DataFreeConfig(**{f.name: opts[f.name] for f in fields(DataFreeConfig)}).check()
@@ -410,12 +333,16 @@ def run(ctx: RunContext) -> Path:
     torch.manual_seed(seed)
     student = build_student(ctx).to(device).to(memory_format=torch.channels_last)
     distiller = distillers.build(METHOD, student, **dconf.method_opts)
-    schedule = StudentSchedule(dconf.epochs, dconf.batch, dconf.lr, dconf.weight_decay)
     ckpt_path = out_dir / "last.ckpt"
     if ctx.force:  # --force means from scratch, the synthetic images included
         ckpt_path.unlink(missing_ok=True)
-    history = train_student(distiller, teacher, images, conf, schedule, seed, ckpt_path, digest(inputs(ctx)),
-                            ctx.progress, ctx.log, autocast, device)
+
+    def amp():
+        return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+
+    history = trainer.fit(distiller, SyntheticBatches(images, dconf.batch, conf, device), OnlineTeacher(teacher, amp),
+                          trainer.Schedule(dconf.epochs, dconf.lr, dconf.weight_decay, seed), ckpt_path,
+                          digest(inputs(ctx)), ctx, device, autocast)
 
     student = student.cpu().to(memory_format=torch.contiguous_format).eval()
     mean, std = ctx.data_stats

@@ -1,0 +1,196 @@
+"""The one training loop of the distill stage, for every method, data-free included.
+
+A run is a `fit` of a distiller over batches from a source (the training images, or images synthesised from the
+teacher) with the teacher's answers from a `Teacher` (cached logits, the FKD cache, the teacher online, or none):
+SGD with Nesterov momentum and a OneCycle schedule, a guard that stops on a NaN or Inf loss, a checkpoint after
+every epoch from which a killed run resumes, and one history row per epoch. The stages differ only in what they
+hand to it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .. import config as cfg
+from .. import files
+from ..errors import StageFailed
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env() -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return Distributed()
+        return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def start(self, device: torch.device) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+        return values
+
+
+def device_and_precision(setting: str, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """CUDA when present; bf16 autocast on CUDA, and on CPUs with AVX-512 BF16 or AMX unless fp32 is asked."""
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if setting == "fp32":
+        return device, None
+    if setting == "bf16" or device.type == "cuda" or cfg.cpu_has_bf16():
+        return device, torch.bfloat16
+    return device, None
+
+
+def build_student(ctx) -> nn.Module:
+    """The run's student, untrained, taking the data's images with the run's normalisation inside."""
+    from edgecompress.models.loaders import build_model
+
+    ds = ctx.data
+    model, _ = build_model(ctx.config.distill.student, "", ds.input_shape[0], ds.num_classes, *ctx.data_stats,
+                           role="student")
+    return model
+
+
+class Batches(Protocol):
+    """Where the inputs come from: `steps_per_epoch` batches of (images, labels or None, their indices)."""
+
+    steps_per_epoch: int
+    has_labels: bool
+
+    def epoch(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]: ...
+
+
+class Teacher(Protocol):
+    """The teacher's side of each step: the student's view of the batch and the teacher's logits and features."""
+
+    def begin(self, epoch: int) -> str: ...  # how the teacher answers this epoch, for the history
+
+    def answer(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, object]: ...
+
+    def end(self) -> None: ...
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    lr: float
+    weight_decay: float
+    seed: int
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, epoch: int, lr: float,
+                   checkpoint: Path) -> None:
+    """One step; a NaN or Inf loss stops the stage, naming the last good checkpoint and the setting to lower."""
+    if not torch.isfinite(loss):
+        raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: lower the learning "
+                          f"rate (distill.lr = {lr}); the last good checkpoint is {checkpoint}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def restore_checkpoint(path: Path, key: str, states: dict) -> dict | None:
+    """Load each object in `states` (anything with load_state_dict, or a torch.Generator) from the checkpoint at
+    `path` when it was written under `key` and holds them all; None otherwise, so the trainer starts over."""
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("key") != key or not set(states) <= set(ckpt):
+        return None
+    for name, state in states.items():
+        if isinstance(state, torch.Generator):
+            state.set_state(ckpt[name])
+        else:
+            state.load_state_dict(ckpt[name])
+    return ckpt
+
+
+def fit(distiller: nn.Module, batches: Batches, teacher: Teacher, schedule: Schedule, ckpt_path: Path, key: str,
+        ctx, device: torch.device, autocast: torch.dtype | None, dist: Distributed = Distributed(),
+        model: nn.Module | None = None, needs_index: bool = False) -> list[dict]:
+    """Train `distiller` (through `model`, its DDP wrapper under torchrun) for `schedule.epochs`; returns the
+    history. Resumes after the last epoch checkpointed under `key` unless ctx.force (a run from scratch)."""
+    model = model or distiller
+    opt = torch.optim.SGD(distiller.parameters(), lr=schedule.lr, momentum=0.9, nesterov=True,
+                          weight_decay=schedule.weight_decay)
+    total_steps = schedule.epochs * batches.steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=total_steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(schedule.seed)
+    history, start = [], 0
+    ckpt = None if ctx.force else restore_checkpoint(
+        ckpt_path, key, {"distiller": distiller, "optimizer": opt, "scheduler": sched, "generator": gen})
+    if ckpt:
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, start = ckpt["history"], ckpt["epoch"]
+        ctx.log(f"[distill] resuming after epoch {start}/{schedule.epochs}")
+    dist.barrier()  # no rank may overwrite the checkpoint before every rank has read it
+
+    def amp():
+        return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+
+    for epoch in range(start, schedule.epochs):
+        model.train()
+        how = teacher.begin(epoch)
+        began, sums, names = time.perf_counter(), None, []
+        counts = torch.zeros(3, device=device)  # images, right labels, agreement with the teacher
+        with ctx.progress(enumerate(batches.epoch(gen)), f"epoch {epoch + 1}/{schedule.epochs}",
+                          length=batches.steps_per_epoch) as bar:
+            for step, (x, y, idx) in bar:
+                distiller.progress = (epoch * batches.steps_per_epoch + step) / total_steps
+                x_student, t_logits, t_feats = teacher.answer(x, idx)
+                with amp():
+                    logits, losses = model(x_student, y, t_logits, t_feats, idx.to(device) if needs_index else None)
+                optimizer_step(sum(losses.values()), opt, sched, epoch, schedule.lr, ckpt_path)
+                values = torch.stack([v.detach().float() for v in losses.values()]) * len(x)
+                sums, names = (values if sums is None else sums + values), list(losses)
+                top = logits.detach().argmax(1)
+                counts[0] += len(x)
+                if y is not None:
+                    counts[1] += (top == y).sum()
+                if t_logits is not None and t_logits.dim() == 2:
+                    counts[2] += (top == t_logits.argmax(1)).sum()
+        teacher.end()
+        seconds = time.perf_counter() - began
+        totals = dist.sum(torch.cat([sums, counts])).tolist()
+        seen, right, agree = totals[-3:]
+        row = {"epoch": epoch + 1, **{k: round(v / seen, 5) for k, v in zip(names, totals)}}
+        if batches.has_labels:
+            row["train_top1"] = round(right / seen, 5)
+        if agree:
+            row["teacher_agreement"] = round(agree / seen, 5)
+        history.append({**row, "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1),
+                        "teacher": how})
+        ctx.log(f"[distill] epoch {epoch + 1}/{schedule.epochs} " +
+                " ".join(f"{k}={v}" for k, v in history[-1].items() if k != "epoch"))
+        if dist.writer:
+            with files.atomic_path(ckpt_path) as tmp:
+                torch.save({"key": key, "epoch": epoch + 1, "distiller": distiller.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                            "history": history}, tmp)
+    return history
