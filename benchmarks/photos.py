@@ -11,7 +11,7 @@ The folders are written under --dir (never committed; reused when complete). Sec
 - distill: a distillation step (student forward/backward on cached teacher logits, SGD) at 224 px, images/s with
   the batches read from the packed file vs from the same images as an in-memory tensor, alternating;
 - augment: crop-flip augmentation on a 12,000-image subset at 224 px (a CSV list of the folder's files): a teacher
-  (`wide_teacher`, 16x the student's MACs) trained here for 3 epochs, then per seed 2 epochs of KD with the
+  (`wide_teacher`, 36x the student's MACs) trained here for 3 epochs, then per seed 2 epochs of KD with the
   teacher online on every batch while the FKD cache records (the same arithmetic as `soft_labels = "online"`),
   and the same run replaying that cache (`--force` into the same run directory): epoch seconds and student top-1
   on 2,000 eval images;
@@ -67,8 +67,8 @@ def teacher():
     return net(16)
 
 
-def wide_teacher():  # 16x the student's multiply-accumulates (ResNet-50 over MobileNetV3-small is about 70x)
-    return net(32)
+def wide_teacher():  # 36x the student's multiply-accumulates (ResNet-50 over MobileNetV3-small: about 70x)
+    return net(48)
 
 
 def student():
@@ -234,7 +234,7 @@ def augment_section(folder: Path, work: Path, teacher_epochs: int = 3, epochs: i
     ds = probe.data
     mean, std = datasets.channel_stats(ds.x_train)
     result = {"train_images": len(ds.y_train), "eval_images": len(ds.y_eval), "epochs": epochs, "seeds": seeds,
-              "teacher": "wide_teacher (net(32)); student net(8)"}
+              "teacher": "wide_teacher (net(48), 36x the student's MACs); student net(8)"}
 
     def top1(model) -> float:
         model.eval()

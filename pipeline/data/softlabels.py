@@ -5,13 +5,13 @@ inputs the teacher's logits change every epoch, so plain KD runs the teacher on 
 image and epoch, the crop parameters and the teacher's top-k soft labels, and replays them, so later epochs of
 another run (another student, another method, a rerun after --force) need no teacher forward.
 
-Stored per epoch in memory-mapped .npy files, for T teachers: the crop parameters (N, 5) float32, the top-k
-log-probabilities log p_i = z_i - lse (T, N, k) as float16 with their class indices (near 0 for the classes
-that matter, where float16 is most precise), the log-sum-exp of all logits and the probability left outside the
-top k, 1 - sum_topk p (T, N) float32, computed before any rounding. Replayed logits are lse + log p_i for the top
-k and give the other C - k classes the logit that spreads the remaining probability evenly over them (FKD's
-marginal smoothing): z_other = lse + log((1 - sum_topk p) / (C - k)).
-With k = C (the default up to 16 classes) nothing is approximated. An epoch is written into a temporary folder
+Stored per epoch in memory-mapped .npy files, for T teachers: the crop parameters (N, 5) float32, the top-k logits
+(T, N, k) float32 exactly as the teacher gave them, with their class indices, the log-sum-exp of all logits and
+the probability left outside the top k, 1 - sum_topk p (T, N) float32. Replayed logits are the stored ones for
+the top k and give the other C - k classes the logit that spreads the remaining probability evenly over them
+(FKD's marginal smoothing): z_other = lse + log((1 - sum_topk p) / (C - k)). With k = C (the default up to 16
+classes) the replay is bit-exact: a student trained on replayed epochs is the one trained with the teacher online.
+An epoch is written into a temporary folder
 and renamed into place when every image is in, so a killed run leaves no half epoch behind.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class EpochLabels:
         self.cache, self.folder = cache, folder
         t, n, k = cache.teachers, cache.count, cache.k
         mode = "w+" if write else "r"
-        shapes = {"params": ((n, 5), np.float32), "topk_logp": ((t, n, k), np.float16),
+        shapes = {"params": ((n, 5), np.float32), "topk_logits": ((t, n, k), np.float32),
                   "topk_index": ((t, n, k), cache.index_dtype), "lse": ((t, n), np.float32),
                   "rest": ((t, n), np.float32), "filled": ((n,), np.bool_)}
         self.arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode=mode, dtype=dtype, shape=shape)
@@ -73,14 +73,14 @@ class EpochLabels:
     def record(self, idx: torch.Tensor, params: torch.Tensor, logits: torch.Tensor) -> None:
         """Store the views' parameters and the teachers' logits (T, B, C) for training images `idx`."""
         rows = idx.cpu().numpy()
-        logits = logits.detach().double().cpu()
-        logp = logits.log_softmax(-1)
-        values, classes = logp.topk(self.cache.k, dim=-1)
+        logits = logits.detach().float().cpu()
+        values, classes = logits.topk(self.cache.k, dim=-1)
+        lse = torch.logsumexp(logits.double(), dim=-1)
         self.arrays["params"][rows] = params.cpu().numpy()
-        self.arrays["topk_logp"][:, rows] = values.numpy().astype(np.float16)
+        self.arrays["topk_logits"][:, rows] = values.numpy()
         self.arrays["topk_index"][:, rows] = classes.numpy().astype(self.cache.index_dtype)
-        self.arrays["lse"][:, rows] = torch.logsumexp(logits, dim=-1).numpy()
-        self.arrays["rest"][:, rows] = (1 - values.exp().sum(-1)).clamp_min(0).numpy()
+        self.arrays["lse"][:, rows] = lse.numpy()
+        self.arrays["rest"][:, rows] = (1 - (values.double() - lse[..., None]).exp().sum(-1)).clamp_min(0).numpy()
         self.arrays["filled"][rows] = True
 
     def missing(self) -> torch.Tensor:
@@ -102,12 +102,12 @@ class EpochLabels:
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """The teachers' logits (T, B, C) for training images `idx`, rebuilt from the top k."""
         rows = idx.cpu().numpy()
-        logp = torch.from_numpy(np.asarray(self.arrays["topk_logp"][:, rows], dtype=np.float32))
+        values = torch.from_numpy(np.asarray(self.arrays["topk_logits"][:, rows]))
         classes = torch.from_numpy(np.asarray(self.arrays["topk_index"][:, rows], dtype=np.int64))
         lse = torch.from_numpy(np.asarray(self.arrays["lse"][:, rows]))
         c, k = self.cache.num_classes, self.cache.k
         rest = torch.from_numpy(np.asarray(self.arrays["rest"][:, rows])).clamp_min(1e-12)
         fill = lse + (torch.log(rest / (c - k)) if k < c else 0)
         out = fill[..., None].expand(*lse.shape, c).clone()
-        out.scatter_(-1, classes, logp + lse[..., None])
+        out.scatter_(-1, classes, values)
         return out

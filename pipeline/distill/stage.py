@@ -111,9 +111,11 @@ def soft_label_key(ctx: RunContext) -> str:
 class DatasetBatches:
     """The training images in a seeded random order; each global batch split evenly between the ranks, so a
     torchrun job sees exactly the batches a single process would (what a DistributedSampler does, in the
-    single-process order)."""
+    single-process order). With `views` set (TeacherAnswers sets each epoch's), each image is cropped, resized
+    and flipped as uint8 on the CPU before it becomes float: half the cost of the same on float pixels."""
 
     has_labels = True
+    views: torch.Tensor | None = None
 
     def __init__(self, ds: datasets.Dataset, batch: int, dist: Distributed, device: torch.device):
         if batch % dist.world:
@@ -130,6 +132,8 @@ class DatasetBatches:
         for step in range(self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch][self.dist.rank * share:(self.dist.rank + 1) * share]
             x, y = self.x[idx], self.y[idx]
+            if self.views is not None:
+                x = augment.apply(x, self.views[idx])
             if self.pin:
                 x, y = x.pin_memory(), y.pin_memory()
             x = datasets.to_float(x.to(self.device, non_blocking=True))
@@ -161,15 +165,17 @@ def pair_transform(distiller: distillers.Distiller) -> Callable | None:
 
 
 class TeacherAnswers:
-    """The teacher's side of each distill step (trainer.Teacher): the epoch's augmented views of the batch, the
-    student's and teacher's views of a cross-modal method, and the teachers' logits (and features) from the
+    """The teacher's side of each distill step (trainer.Teacher): the epoch's augmented views (drawn here, applied
+    by the batch source), the student's and teacher's views of a cross-modal method, and the teachers' logits (and features) from the
     un-augmented logit cache, the FKD cache (replayed, or recorded as the teacher runs), the teacher online, or
     nothing for methods without a teacher."""
 
-    def __init__(self, ctx: RunContext, teachers: list, taps: list, views: Callable | None, online: bool,
+    def __init__(self, ctx: RunContext, source: DatasetBatches, teachers: list, taps: list, views: Callable | None,
+                 online: bool,
                  cached: torch.Tensor | None, soft_labels: softlabels.SoftLabelCache | None, many: bool,
                  device: torch.device, amp: Callable, dist: Distributed):
-        self.ctx, self.teachers, self.taps, self.views, self.online = ctx, teachers, taps, views, online
+        self.ctx, self.source, self.teachers, self.taps = ctx, source, teachers, taps
+        self.views, self.online = views, online
         self.cached, self.soft_labels, self.many, self.device, self.amp, self.dist = (cached, soft_labels, many,
                                                                                       device, amp, dist)
         conf = ctx.config.distill
@@ -185,6 +191,7 @@ class TeacherAnswers:
             self.epoch_views = torch.from_numpy(np.array(self.replay.params))
         elif self.soft_labels is not None and self.dist.world == 1:  # under torchrun a rank sees a slice: not recorded
             self.record = self.soft_labels.create(epoch)
+        self.source.views = self.epoch_views  # the batches come augmented
         self.run_teacher = self.online or (self.soft_labels is not None and self.replay is None)
         return ("online" if self.run_teacher else "fkd cache" if self.replay is not None
                 else "cached logits" if self.cached is not None else "none")
@@ -194,8 +201,6 @@ class TeacherAnswers:
             return torch.stack([m(x).float() for m, _ in self.teachers])
 
     def answer(self, x: torch.Tensor, idx: torch.Tensor):
-        if self.epoch_views is not None:
-            x = augment.apply(x, self.epoch_views[idx])
         x_student, x_teacher = self.views(x) if self.views is not None else (x, x)
         logits, features = None, None
         if self.cached is not None:
@@ -216,7 +221,7 @@ class TeacherAnswers:
             return
         data = self.ctx.data
         for idx in self.record.missing().split(self.ctx.config.distill.batch):  # those the last partial batch left out
-            x = augment.apply(datasets.to_float(data.x_train[idx]).to(self.device), self.epoch_views[idx])
+            x = datasets.to_float(augment.apply(data.x_train[idx], self.epoch_views[idx])).to(self.device)
             self.record.record(idx, self.epoch_views[idx], self._forward(x))
         self.record.finish()
 
@@ -274,7 +279,7 @@ def run(ctx: RunContext) -> Path:
     def amp():
         return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
 
-    answers = TeacherAnswers(ctx, teachers, teacher_taps, views, teacher_online, cached, soft_labels,
+    answers = TeacherAnswers(ctx, source, teachers, teacher_taps, views, teacher_online, cached, soft_labels,
                              cls.many_teachers, device, amp, dist)
     history = trainer.fit(distiller, source, answers, trainer.Schedule(conf.epochs, conf.lr, conf.weight_decay, seed),
                           out_dir / "last.ckpt", digest(inputs(ctx)), ctx, device, autocast, dist, model,
