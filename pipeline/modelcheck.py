@@ -32,7 +32,8 @@ def _hint(message: str, channels: int) -> str:
 
     wanted = re.search(r"to have (\d+) channels", message)
     if wanted and int(wanted.group(1)) != channels:
-        return f"; it takes {wanted.group(1)}-channel images: declare --channels {'rgb' if wanted.group(1) == '3' else 'grey'}"
+        channels = "rgb" if wanted.group(1) == "3" else "grey"
+        return f"; it takes {wanted.group(1)}-channel images: declare --channels {channels}"
     if "channels" in message:
         return "; declare the channels it takes with --channels rgb|grey"
     if re.search(r"size|shape|mat1 and mat2", message):

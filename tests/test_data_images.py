@@ -21,7 +21,7 @@ from edgecompress.data.packed import PackedImages
 from edgecompress.data.preprocess import Geometry
 from edgecompress.errors import BadInput
 
-from test_cli_bad_input import STUDENT, Where, run_bad
+from test_cli_bad_input import STUDENT, run_bad, where  # noqa: F401  (where: the fixture)
 from testkit import write_photo_folder
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -350,16 +350,6 @@ def test_mixed_formats_load_together(tmp_path, fashion_small):
 
 
 # --- 2. through the CLI ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def where(tmp_path, monkeypatch) -> Where:
-    """As in test_cli_bad_input: inputs, an empty working directory that must stay empty, and --out."""
-    w = Where(tmp_path, tmp_path / "in", tmp_path / "cwd", tmp_path / "run")
-    w.inputs.mkdir()
-    w.cwd.mkdir()
-    monkeypatch.chdir(w.cwd)
-    return w
-
 
 def test_cli_truncated_jpeg_is_one_error_line_before_training(where, capsys, fashion_small, teacher_spec):
     x, y = fashion_small

@@ -13,14 +13,13 @@ from .folder import IMAGE_SUFFIXES, default_workers
 from .packed import PackedImages, take
 from .preprocess import Geometry, Preprocess
 from .sources import (EVAL_FRACTION, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, Dataset, _check, _load_idx_dir,
-                      _load_npz, channel_stats, inference_batch, split, stratified_sample,
-                      to_float)
+                      _load_npz, channel_stats, inference_batch, split, stratified_sample, to_float)
 
 __all__ = ["Dataset", "Geometry", "IMAGE_SUFFIXES", "PackedImages", "Preprocess", "EVAL_FRACTION",
-           "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "channel_stats", "inference_batch", "load", "split", "stratified_sample",
-           "take", "to_float", "default_workers"]
+           "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "channel_stats", "inference_batch", "load", "split",
+           "stratified_sample", "take", "to_float", "default_workers"]
 
-IN_MEMORY_BYTES = 1 << 30  # an in-memory source converted to a larger size than this is packed to a file instead
+IN_MEMORY_BYTES = 1 << 30  # an in-memory source converted to more than this is refused: write an image folder
 
 
 class _NoBar:

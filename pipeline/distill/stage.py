@@ -166,13 +166,12 @@ def pair_transform(distiller: distillers.Distiller) -> Callable | None:
 
 class TeacherAnswers:
     """The teacher's side of each distill step (trainer.Teacher): the epoch's augmented views (drawn here, applied
-    by the batch source), the student's and teacher's views of a cross-modal method, and the teachers' logits (and features) from the
-    un-augmented logit cache, the FKD cache (replayed, or recorded as the teacher runs), the teacher online, or
-    nothing for methods without a teacher."""
+    by the batch source), the student's and teacher's views of a cross-modal method, and the teachers' logits
+    (and features) from the un-augmented logit cache, the FKD cache (replayed, or recorded as the teacher runs),
+    the teacher online, or nothing for methods without a teacher."""
 
     def __init__(self, ctx: RunContext, source: DatasetBatches, teachers: list, taps: list, views: Callable | None,
-                 online: bool,
-                 cached: torch.Tensor | None, soft_labels: softlabels.SoftLabelCache | None, many: bool,
+                 online: bool, cached: torch.Tensor | None, soft_labels: softlabels.SoftLabelCache | None, many: bool,
                  device: torch.device, amp: Callable, dist: Distributed):
         self.ctx, self.source, self.teachers, self.taps = ctx, source, teachers, taps
         self.views, self.online = views, online
