@@ -15,8 +15,8 @@ The folders are written under --dir (never committed; reused when complete). Sec
   teacher online on every batch while the FKD cache records (the same arithmetic as `soft_labels = "online"`),
   and the same run replaying that cache (`--force` into the same run directory): epoch seconds and student top-1
   on 2,000 eval images;
-- compress: `edgecompress compress` on the whole 224 folder (`--epochs 1`), wall time per stage and the peak
-  resident memory of the whole process tree, sampled every 0.2 s from /proc.
+- compress: a first `edgecompress compress` on the whole 224 folder (`--epochs 1`, fresh run directory), wall time
+  per stage and the peak resident memory of the whole process tree, sampled every 0.2 s from /proc.
 
 Writes photos.json and photos.md under --out.
 """
@@ -329,6 +329,7 @@ def compress_section(folder: Path, work: Path, extra: list[str]) -> dict:
         "[budgets]")[0] + "[budgets]\nmax_accuracy_drop = 100.0\nmin_speedup = 0.0\n")
     (work / "config.toml").write_text("[verify]\nlatency_runs_bs1 = 100\nlatency_runs_batch = 10\nlatency_sessions = 2\n")
     run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)  # a first run: decoding, teacher logits and all
     command = [sys.executable, "-m", "edgecompress", "compress", "--data", str(folder), "--teacher",
                f"{work / 'models.py'}:teacher", "--student", f"{work / 'models.py'}:student", "--epochs", "1",
                "--input-size", "224", "--channels", "rgb", "--target", str(work / "target.toml"), "--config",
