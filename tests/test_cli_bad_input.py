@@ -169,6 +169,80 @@ def case_csv_naming_missing_files(w, npz, teacher):
     return ["--data", str(listing), "--teacher", teacher, *STUDENT], ["4 listed images do not exist", "a/1.jpg, a/2.jpg"]
 
 
+def case_npz_with_an_object_array(w, npz, teacher):
+    path = w.inputs / "objects.npz"
+    np.savez(path, x=np.array([{"not": "pixels"}] * 4, dtype=object), y=np.zeros(4, dtype=np.int64))
+    return ["--data", str(path), "--teacher", teacher, *STUDENT], ["array x holds Python objects"]
+
+
+def case_npz_label_of_a_billion(w, npz, teacher):
+    arrays = np.load(npz)
+    y = arrays["y"].copy()
+    y[5] = 10**9
+    path = w.inputs / "labels.npz"
+    np.savez(path, x=arrays["x"], y=y)
+    return ["--data", str(path), "--teacher", teacher, *STUDENT], ["label 1000000000", "more than 100000 classes"]
+
+
+def case_npz_header_claiming_a_huge_shape(w, npz, teacher):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**13,)})
+    path = w.inputs / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * 64)
+        archive.writestr("y.npy", header.getvalue())
+    return ["--data", str(path), "--teacher", teacher, *STUDENT], ["claims shape (10000000000000,)"]
+
+
+def case_npz_with_a_bad_crc(w, npz, teacher):
+    import zipfile
+
+    path = w.inputs / "crc.npz"
+    with zipfile.ZipFile(path, "w") as archive:  # stored, not compressed: the flipped byte stays a pixel byte
+        for name in ("x", "y"):
+            buffer = __import__("io").BytesIO()
+            np.save(buffer, np.load(npz)[name])
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+    raw = bytearray(path.read_bytes())
+    raw[400] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return ["--data", str(path), "--teacher", teacher, *STUDENT], ["cannot read", "crc.npz"]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height, with no pixel data: what a decompression bomb shows first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def case_decompression_bomb_png(w, npz, teacher):
+    folder = _photo_folder(w, npz, 6)
+    bomb = _png_header_only(sorted(folder.iterdir())[0] / "000-bomb.png", 30000, 30000)
+    return ["--data", str(folder), "--teacher", teacher, *STUDENT, "--input-size", "28"], \
+        [str(bomb), "30000x30000 pixels is over the limit"]
+
+
+def case_first_image_too_large_without_a_size(w, npz, teacher):
+    from PIL import Image
+
+    folder = _photo_folder(w, npz, 6)
+    first = sorted(folder.iterdir())[0] / "!large.png"  # sorts first in its class
+    Image.new("RGB", (2000, 1500), (90, 90, 90)).save(first)
+    spec = w.inputs / "rgb_teacher.py"  # a factory teacher: no recorded input size
+    spec.write_text("from edgecompress.models import create\n\n\ndef build():\n    return create('resnet_slim_050', 3, 2)\n")
+    return ["--data", str(folder), "--teacher", f"{spec}:build", *STUDENT], ["is 2000x1500", "--input-size 224"]
+
+
 def case_bad_input_size(w, npz, teacher):
     return ["--data", str(npz), "--teacher", teacher, *STUDENT, "--input-size", "224y160"], ["--input-size", "224x160"]
 
@@ -312,7 +386,9 @@ CASES = [
     case_teacher_input_shape_mismatch, case_truncated_onnx_teacher, case_config_key_typo, case_one_class_data,
     case_corrupt_image_in_folder, case_no_readable_image_in_folder, case_teacher_too_small_for_the_size,
     case_mean_of_the_wrong_length, case_mean_for_rgb_on_grey_channels, case_csv_naming_missing_files,
-    case_bad_input_size,
+    case_bad_input_size, case_npz_with_an_object_array, case_npz_label_of_a_billion,
+    case_npz_header_claiming_a_huge_shape, case_npz_with_a_bad_crc, case_decompression_bomb_png,
+    case_first_image_too_large_without_a_size,
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .preprocess import Geometry
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DECODE_BATCH = 32
+MAX_UNDECLARED_SIDE = 1024  # the data's own size serves as the input size only up to this many pixels a side
 
 
 @dataclass
@@ -142,6 +144,10 @@ def _probe_geometry(entries: list[Entry], geometry: Geometry, skip_bad: bool, ba
                 raise BadInput(f"cannot read image {e.path}: {exc} (--skip-bad-images leaves such files out)") from None
             bad[str(e.path)] = str(exc)
             continue
+        if not geometry.size and max(width, height) > MAX_UNDECLARED_SIDE:
+            raise BadInput(f"the first image, {e.path}, is {width}x{height}, and with no input size declared every "
+                           "image would be stored at that size: declare the size the teacher takes, e.g. "
+                           "--input-size 224 --resize 256")
         return Geometry(geometry.size or (height, width), geometry.resize, geometry.interpolation,
                         geometry.channels or ("grey" if grey else "rgb"))
     raise BadInput(f"no readable image among the {len(entries)} files listed")
@@ -185,23 +191,35 @@ def pack(entries: list[Entry], geometry: Geometry, cache_dir: Path, skip_bad: bo
     settled = _probe_geometry(entries, geometry, skip_bad, bad)
     _check_headers(entries, skip_bad, bad, progress)
     todo = [i for i, e in enumerate(entries) if str(e.path) not in bad]
+    needed = len(todo) * (1 if settled.channels == "grey" else 3) * settled.size[0] * settled.size[1]
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        raise BadInput(f"{len(todo)} images at {settled.size[0]}x{settled.size[1]} need {needed / 2**30:.1f} GiB in "
+                       f"{cache_dir}, which has {free / 2**30:.1f} GiB free: free space, or choose a smaller "
+                       "--input-size or another --out")
     loader = torch.utils.data.DataLoader(_Decoder([entries[i].path for i in todo], settled), batch_size=DECODE_BATCH,
                                          num_workers=workers if workers > 1 else 0, collate_fn=_unbatched)
-    kept_positions = []
-    with files.atomic_path(data_path) as tmp, open(tmp, "wb") as out:
-        with progress(loader, f"decoding {len(todo)} images", length=len(loader)) as bar:
-            for batch in bar:
-                for i, pixels, error in batch:
-                    entry = entries[todo[i]]
-                    if pixels is None:
-                        if not skip_bad:
-                            raise BadInput(f"cannot read image {entry.path}: {error} (--skip-bad-images leaves such "
-                                           "files out)")
-                        bad[str(entry.path)] = error
-                        continue
-                    out.write(pixels.tobytes())
-                    kept_positions.append(todo[i])
-        out.flush()
+    kept_positions, failure = [], ""
+    batches = iter(loader)
+    try:
+        with files.atomic_path(data_path) as tmp, open(tmp, "wb") as out:
+            with progress(batches, f"decoding {len(todo)} images", length=len(loader)) as bar:
+                for batch in bar:
+                    for i, pixels, error in batch:
+                        entry = entries[todo[i]]
+                        if pixels is None and not skip_bad:
+                            failure = (f"cannot read image {entry.path}: {error} (--skip-bad-images leaves such files "
+                                       "out)")
+                            raise BadInput(failure)
+                        if pixels is None:
+                            bad[str(entry.path)] = error
+                            continue
+                        out.write(pixels.tobytes())
+                        kept_positions.append(todo[i])
+            out.flush()
+    finally:
+        if failure:  # stop the decoding workers before the error line, or they print tracebacks as they die
+            getattr(batches, "_shutdown_workers", lambda: None)()
     files.write_json(meta_path, {"kept": kept_positions, "bad": bad, "size": list(settled.size),
                                  "channels": settled.channels, "geometry": geometry.key()})
     shape = (1 if settled.channels == "grey" else 3, *settled.size)

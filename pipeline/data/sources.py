@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -143,8 +144,8 @@ def _load_idx_dir(folder: Path, name: str, classes: list[str] | None) -> Dataset
         if len(x) != len(y):
             raise BadInput(f"{folder}: {prefix} has {len(x)} images but {len(y)} labels")
         parts[split] = (torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
-    num_classes = int(max(parts["train"][1].max(), parts["eval"][1].max())) + 1
-    classes = classes or [str(i) for i in range(num_classes)]
+    classes = classes or [str(i) for i in range(_class_count((None, parts["train"][1], None, parts["eval"][1]),
+                                                              str(folder)))]
     return _check(Dataset(name, *parts["train"], *parts["eval"], classes))
 
 
@@ -168,23 +169,60 @@ def _to_nchw(x: np.ndarray, source: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _load_npz(path: Path, seed: int) -> Dataset:
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's shape and dtype from its .npy header, checked against the bytes the archive holds for it,
+    before any array is read: an object array (pickled code) or a header claiming more data than the file has
+    (a 10^13-element shape in a small file) is refused here, not met as a MemoryError."""
+    headers = {}
     try:
-        arrays = np.load(path, allow_pickle=False)
-        keys = set(arrays.files)
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot read {path}: {exc}") from None
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(member)
+                name = info.filename.removesuffix(".npy")
+                if dtype.hasobject:
+                    raise BadInput(f"{path}: array {name} holds Python objects; save plain numeric arrays")
+                if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                    raise BadInput(f"{path}: array {name} claims shape {shape} ({dtype}), more than the "
+                                   f"{info.file_size} bytes the file holds for it")
+                headers[name] = (shape, dtype)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"cannot read {path}: {str(exc)[:160]}") from None
+    return headers
+
+
+def _load_npz(path: Path, seed: int) -> Dataset:
+    keys = set(_npz_headers(path))
     if not {"x", "y"} <= keys:
         raise BadInput(f"{path} must hold arrays `x` and `y` (found: {', '.join(sorted(keys)) or 'none'})")
-    x = _to_nchw(arrays["x"], str(path))
-    y = _labels(arrays["y"], len(x), str(path), "y")
-    if {"x_test", "y_test"} <= keys:
-        x_test = _to_nchw(arrays["x_test"], str(path))
-        parts = (x, y, x_test, _labels(arrays["y_test"], len(x_test), str(path), "y_test"))
-    else:
-        parts = split(x, y, seed)
-    num_classes = int(max(parts[1].max(), parts[3].max())) + 1
-    return _check(Dataset(path.stem, *parts, [str(i) for i in range(num_classes)]))
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        x = _to_nchw(arrays["x"], str(path))
+        y = _labels(arrays["y"], len(x), str(path), "y")
+        if {"x_test", "y_test"} <= keys:
+            x_test = _to_nchw(arrays["x_test"], str(path))
+            parts = (x, y, x_test, _labels(arrays["y_test"], len(x_test), str(path), "y_test"))
+        else:
+            parts = split(x, y, seed)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a bad CRC surfaces on reading
+        raise BadInput(f"cannot read {path}: {str(exc)[:160]}") from None
+    return _check(Dataset(path.stem, *parts, [str(i) for i in range(_class_count(parts, str(path)))]))
+
+
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841: a larger label is a broken file, not a data set
+
+
+def _class_count(parts, source: str) -> int:
+    largest = int(max(parts[1].max(), parts[3].max()))
+    if largest >= MAX_CLASSES:
+        raise BadInput(f"{source}: label {largest} means more than {MAX_CLASSES} classes; labels are class indices "
+                       "0..C-1")
+    return largest + 1
 
 
 def channel_stats(x, sample: int = 20000, chunk: int = 500) -> tuple[list[float], list[float]]:
