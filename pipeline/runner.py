@@ -24,6 +24,7 @@ from . import config as cfg
 from . import data as datasets
 from . import files
 from .errors import BadInput
+from .progress import NoBar
 
 
 @dataclass
@@ -158,25 +159,6 @@ class RunContext:
         if self.quiet or not sys.stderr.isatty():
             return NoBar(items)
         return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
-
-
-class NoBar:
-    """click.progressbar's interface, showing nothing."""
-
-    def __init__(self, items):
-        self.items = items if items is not None else ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def update(self, steps: int) -> None:
-        pass
 
 
 @dataclass(frozen=True)

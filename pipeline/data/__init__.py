@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..errors import BadInput
+from ..progress import NoBar
 from . import folder
 from .folder import IMAGE_SUFFIXES, default_workers
 from .packed import PackedImages, take
@@ -22,21 +23,8 @@ __all__ = ["Dataset", "Geometry", "IMAGE_SUFFIXES", "PackedImages", "Preprocess"
 IN_MEMORY_BYTES = 1 << 30  # an in-memory source converted to more than this is refused: write an image folder
 
 
-class _NoBar:
-    """A silent stand-in for the progress bars runner.RunContext.progress gives (click.progressbar's interface)."""
-
-    def __init__(self, items, label: str = "", length: int | None = None):
-        self.items = items
-
-    def __enter__(self):
-        return iter(self.items)
-
-    def __exit__(self, *exc):
-        return False
-
-
 def load(spec: str, seed: int = 0, skip_bad_images: bool = False, geometry: Geometry | None = None,
-         cache_dir: Path | None = None, workers: int = 0, progress: Callable = _NoBar) -> Dataset:
+         cache_dir: Path | None = None, workers: int = 0, progress: Callable = NoBar) -> Dataset:
     """Load a data spec: `fashion-mnist`, a folder of IDX files, an .npz with x/y, an image folder, or a
     CSV/TSV list of `path,label` lines, with its images prepared by `geometry` (None: as stored).
 
