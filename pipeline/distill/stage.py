@@ -100,11 +100,12 @@ def teacher_logits(ctx: RunContext, which: int, model: nn.Module, device: torch.
 
 
 def soft_label_key(ctx: RunContext) -> str:
-    """What an epoch of FKD soft labels depends on: the teachers, the data, the seed and the augmentation (not the
-    student or the method, so another student's run in the same directory replays them)."""
+    """What an epoch of FKD soft labels depends on: the teachers, the data, the seed, the augmentation and the
+    precision the teacher runs in (not the student or the method, so another student's run in the same directory
+    replays them)."""
     conf, deps = ctx.config.distill, inputs(ctx)
     return digest({"seed": ctx.config.seed, "data": ctx.data.sha256_16, "augment": conf.augment,
-                   "scale": list(conf.augment_scale), "topk": conf.soft_label_topk,
+                   "scale": list(conf.augment_scale), "topk": conf.soft_label_topk, "precision": conf.precision,
                    **{k: v for k, v in deps.items() if k.startswith("teacher")}})
 
 
