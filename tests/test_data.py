@@ -340,3 +340,15 @@ def test_skip_bad_images_leaves_unreadable_files_out_and_lists_them(tmp_path, fa
     assert list(ds.skipped) == [str(bad)] and "UnidentifiedImageError" in ds.skipped[str(bad)]
     assert len(ds.y_train) + len(ds.y_eval) == 4 * len(ds.classes) - 1
     assert ds.describe()["skipped_images"] == 1
+
+
+def test_an_in_memory_source_takes_the_contracts_resize_crop_and_channels(small_npz):
+    """Reference written here: grey repeated to RGB, shorter side to 36, center crop 32 (torch bilinear)."""
+    import torch.nn.functional as F
+
+    raw = data.load(str(small_npz))
+    ds = data.load(str(small_npz), geometry=data.Geometry((32, 32), 36, "bilinear", "rgb"))
+    x = raw.x_train[:5].float().expand(-1, 3, -1, -1)
+    big = F.interpolate(x, size=(36, 36), mode="bilinear", antialias=True, align_corners=False)
+    expected = big[:, :, 2:34, 2:34].round().clamp(0, 255).to(torch.uint8)
+    assert ds.input_shape == (3, 32, 32) and torch.equal(ds.x_train[:5], expected)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import BadInput
@@ -12,7 +13,7 @@ from ..progress import NoBar
 from . import folder
 from .folder import IMAGE_SUFFIXES, default_workers
 from .packed import PackedImages, take
-from .preprocess import Geometry, Preprocess
+from .preprocess import CHANNELS, Geometry, Preprocess, crop_box, output_size
 from .sources import (EVAL_FRACTION, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, Dataset, _check, _load_idx_dir,
                       _load_npz, channel_stats, inference_batch, split, stratified_sample, to_float)
 
@@ -64,8 +65,9 @@ def _streamed(path: Path, indexed, seed, skip_bad, geometry, cache_dir, workers,
 
         keepalive = tempfile.TemporaryDirectory(prefix="edgecompress-data-")
         cache_dir = Path(keepalive.name)
+    listing = folder.fingerprint(entries)
     images, kept, bad, settled = folder.pack(entries, geometry, cache_dir, skip_bad, workers or default_workers(),
-                                             progress)
+                                             progress, listing)
     images.keepalive = keepalive  # the temporary folder lives as long as the images read from it
     labels = torch.tensor([e.label for e in kept], dtype=torch.int64)
     if has_eval:
@@ -73,7 +75,7 @@ def _streamed(path: Path, indexed, seed, skip_bad, geometry, cache_dir, workers,
         parts = (images.subset(~is_eval.numpy()), labels[~is_eval], images.subset(is_eval.numpy()), labels[is_eval])
     else:
         parts = split(images, labels, seed)
-    key = folder.fingerprint(entries) + "-" + "-".join(map(str, (*settled.size, settled.channels)))
+    key = listing + "-" + "-".join(map(str, (*settled.size, settled.channels)))
     name = path.stem if path.is_file() else path.name
     return _check(Dataset(name, *parts, classes, bad, content_key=key))
 
@@ -82,23 +84,24 @@ def _conform(ds: Dataset, geometry: Geometry) -> Dataset:
     """An in-memory source brought to the contract's size and channels (torch's resize; an image folder
     goes through PIL instead, like the user's own training script most likely did)."""
     channels = ds.input_shape[0]
-    want_channels = {"rgb": 3, "grey": 1}.get(geometry.channels or "", channels)
+    want_channels = CHANNELS.get(geometry.channels or "", channels)
     height, width = ds.input_shape[1:]
     if (geometry.size in (None, (height, width)) and not geometry.resize) and want_channels == channels:
         return ds
-    size = geometry.size or (height, width)
-    if want_channels * size[0] * size[1] * (len(ds.y_train) + len(ds.y_eval)) > IN_MEMORY_BYTES:
-        raise BadInput(f"data {ds.name} at {want_channels}x{size[0]}x{size[1]} would take more than "
+    settled = Geometry(geometry.size or (height, width), geometry.resize, geometry.interpolation,
+                       "rgb" if want_channels == 3 else "grey")
+    if int(np.prod(settled.image_shape)) * (len(ds.y_train) + len(ds.y_eval)) > IN_MEMORY_BYTES:
+        raise BadInput(f"data {ds.name} at {'x'.join(map(str, settled.image_shape))} would take more than "
                        f"{IN_MEMORY_BYTES >> 30} GiB in memory: write it as an image folder, which is streamed")
-    convert = lambda x: _convert(x, geometry, size, want_channels)  # noqa: E731
-    return _check(Dataset(ds.name, convert(ds.x_train), ds.y_train, convert(ds.x_eval), ds.y_eval, ds.classes,
-                          ds.skipped))
+    return _check(Dataset(ds.name, _convert(ds.x_train, settled), ds.y_train, _convert(ds.x_eval, settled), ds.y_eval,
+                          ds.classes, ds.skipped))
 
 
-def _convert(x: torch.Tensor, geometry: Geometry, size: tuple[int, int], channels: int, chunk: int = 2000):
+def _convert(x: torch.Tensor, geometry: Geometry, chunk: int = 2000) -> torch.Tensor:
+    """uint8 images resized and cropped by the contract's arithmetic (preprocess.output_size, crop_box)."""
     import torch.nn.functional as F
 
-    out = []
+    channels, mode, out = CHANNELS[geometry.channels], geometry.interpolation, []
     for i in range(0, len(x), chunk):
         block = to_float(x[i:i + chunk]) * 255.0
         if block.shape[1] == 1 and channels == 3:
@@ -106,17 +109,12 @@ def _convert(x: torch.Tensor, geometry: Geometry, size: tuple[int, int], channel
         elif block.shape[1] == 3 and channels == 1:
             block = (block * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         h, w = block.shape[2:]
-        mode = geometry.interpolation
-        if geometry.resize:
-            new = (geometry.resize, int(geometry.resize * w / h)) if h <= w else (int(geometry.resize * h / w),
-                                                                                geometry.resize)
-        else:
-            new = size
-        if tuple(new) != (h, w):
-            block = F.interpolate(block, size=new, mode=mode, antialias=mode != "nearest",
+        new_w, new_h = output_size(w, h, geometry)
+        if (new_h, new_w) != (h, w):
+            block = F.interpolate(block, size=(new_h, new_w), mode=mode, antialias=mode != "nearest",
                                   **({} if mode == "nearest" else {"align_corners": False}))
         if geometry.resize:
-            top, left = int(round((new[0] - size[0]) / 2.0)), int(round((new[1] - size[1]) / 2.0))
-            block = block[:, :, top:top + size[0], left:left + size[1]]
+            left, top, right, bottom = crop_box(new_w, new_h, geometry.size)
+            block = block[:, :, top:bottom, left:right]
         out.append(block.round().clamp(0, 255).to(torch.uint8).contiguous())
     return torch.cat(out)

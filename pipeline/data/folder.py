@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import files
@@ -132,6 +133,10 @@ def _unbatched(items):
     return items
 
 
+def _unreadable(path, why: str) -> BadInput:
+    return BadInput(f"cannot read image {path}: {why} (--skip-bad-images leaves such files out)")
+
+
 def _probe_geometry(entries: list[Entry], geometry: Geometry, skip_bad: bool, bad: dict) -> Geometry:
     """Fill size and channels the contract leaves open from the first readable image (today's rule)."""
     if geometry.size and geometry.channels:
@@ -141,7 +146,7 @@ def _probe_geometry(entries: list[Entry], geometry: Geometry, skip_bad: bool, ba
             width, height, grey = images.header(e.path)
         except images.BadImage as exc:
             if not skip_bad:
-                raise BadInput(f"cannot read image {e.path}: {exc} (--skip-bad-images leaves such files out)") from None
+                raise _unreadable(e.path, str(exc)) from None
             bad[str(e.path)] = str(exc)
             continue
         if not geometry.size and max(width, height) > MAX_UNDECLARED_SIDE:
@@ -162,28 +167,26 @@ def _check_headers(entries: list[Entry], skip_bad: bool, bad: dict, progress) ->
                 images.header(e.path)
             except images.BadImage as exc:
                 if not skip_bad:
-                    raise BadInput(f"cannot read image {e.path}: {exc} (--skip-bad-images leaves such files "
-                                   "out)") from None
+                    raise _unreadable(e.path, str(exc)) from None
                 bad[str(e.path)] = str(exc)
 
 
 def pack(entries: list[Entry], geometry: Geometry, cache_dir: Path, skip_bad: bool, workers: int,
-         progress) -> tuple[PackedImages, list[Entry], dict, Geometry]:
-    """The images of `entries`, decoded with `geometry` into `cache_dir`, reused when already there.
+         progress, listing: str | None = None) -> tuple[PackedImages, list[Entry], dict, Geometry]:
+    """The images of `entries`, decoded with `geometry` into `cache_dir`, reused when already there; `listing` is
+    their fingerprint when the caller has it (it stats every file).
 
     Returns the packed images, the entries kept (in pack order), the files left out with their reasons, and the
     geometry with size and channels settled."""
-    key = files.sha256_json({"files": fingerprint(entries), "geometry": geometry.key()})[:16]
+    key = files.sha256_json({"files": listing or fingerprint(entries), "geometry": geometry.key()})[:16]
     data_path, meta_path = cache_dir / f"images-{key}.u8", cache_dir / f"images-{key}.json"
     if meta_path.is_file() and data_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta["bad"] and not skip_bad:  # packed by a run that skipped them; this one did not ask to
-            first, why = next(iter(meta["bad"].items()))
-            raise BadInput(f"cannot read image {first}: {why} (--skip-bad-images leaves such files out)")
+            raise _unreadable(*next(iter(meta["bad"].items())))
         kept = [entries[i] for i in meta["kept"]]
         settled = Geometry(tuple(meta["size"]), geometry.resize, geometry.interpolation, meta["channels"])
-        shape = (1 if settled.channels == "grey" else 3, *settled.size)
-        return PackedImages(data_path, len(kept), shape), kept, meta["bad"], settled
+        return PackedImages(data_path, len(kept), settled.image_shape), kept, meta["bad"], settled
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(".images-*.tmp"):  # left by a run killed while packing
         stale.unlink(missing_ok=True)
@@ -191,7 +194,7 @@ def pack(entries: list[Entry], geometry: Geometry, cache_dir: Path, skip_bad: bo
     settled = _probe_geometry(entries, geometry, skip_bad, bad)
     _check_headers(entries, skip_bad, bad, progress)
     todo = [i for i, e in enumerate(entries) if str(e.path) not in bad]
-    needed = len(todo) * (1 if settled.channels == "grey" else 3) * settled.size[0] * settled.size[1]
+    needed = len(todo) * int(np.prod(settled.image_shape))
     free = shutil.disk_usage(cache_dir).free
     if needed > free:
         raise BadInput(f"{len(todo)} images at {settled.size[0]}x{settled.size[1]} need {needed / 2**30:.1f} GiB in "
@@ -208,9 +211,8 @@ def pack(entries: list[Entry], geometry: Geometry, cache_dir: Path, skip_bad: bo
                     for i, pixels, error in batch:
                         entry = entries[todo[i]]
                         if pixels is None and not skip_bad:
-                            failure = (f"cannot read image {entry.path}: {error} (--skip-bad-images leaves such files "
-                                       "out)")
-                            raise BadInput(failure)
+                            failure = error
+                            raise _unreadable(entry.path, error)
                         if pixels is None:
                             bad[str(entry.path)] = error
                             continue
@@ -222,5 +224,5 @@ def pack(entries: list[Entry], geometry: Geometry, cache_dir: Path, skip_bad: bo
             getattr(batches, "_shutdown_workers", lambda: None)()
     files.write_json(meta_path, {"kept": kept_positions, "bad": bad, "size": list(settled.size),
                                  "channels": settled.channels, "geometry": geometry.key()})
-    shape = (1 if settled.channels == "grey" else 3, *settled.size)
-    return PackedImages(data_path, len(kept_positions), shape), [entries[i] for i in kept_positions], bad, settled
+    return (PackedImages(data_path, len(kept_positions), settled.image_shape), [entries[i] for i in kept_positions],
+            bad, settled)

@@ -75,6 +75,11 @@ class Geometry:
     interpolation: str = "bilinear"
     channels: str | None = None
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of a stored image, once size and channels are settled."""
+        return (CHANNELS[self.channels], *self.size)
+
     def key(self) -> dict:
         return {"size": list(self.size) if self.size else None, "resize": self.resize,
                 "interpolation": self.interpolation, "channels": self.channels}
