@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecompress import config as cfg
 from edgecompress import data as datasets
 from edgecompress import files, quantize
+from edgecompress.kernels import macs_per_image
 from edgecompress.models.loaders import build_model
 from edgecompress.runner import RunContext, open_run
 from edgecompress.runners import OrtRunner, TorchRunner
@@ -65,28 +66,6 @@ def interleaved(make_slow, make_fast, images: torch.Tensor, batch: int, progress
     slow, fast = float(np.median(medians["slow"])), float(np.median(medians["fast"]))
     return {"batch": batch, "slow_ms": round(slow, 4), "fast_ms": round(fast, 4), "ratio": round(slow / fast, 2),
             "session_medians_ms": medians}
-
-
-# --- multiply-accumulates of an ONNX graph ---------------------------------------------------------------------
-
-def macs_per_image(path: Path) -> int:
-    """Multiply-accumulates of one image through the Conv and Gemm/MatMul nodes of an fp32 ONNX graph."""
-    model = onnx.load(str(path))
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    dims[0].dim_value = 1
-    model = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
-    weights = {t.name: list(t.dims) for t in model.graph.initializer}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            cout, cin_per_group, *kernel = weights[node.input[1]]
-            out = shapes[node.output[0]]
-            total += int(np.prod(out[1:])) * cin_per_group * int(np.prod(kernel))
-        elif node.op_type in ("Gemm", "MatMul") and node.input[1] in weights:
-            total += int(np.prod(weights[node.input[1]]))
-    return total
 
 
 # --- sections --------------------------------------------------------------------------------------------------

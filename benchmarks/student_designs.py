@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf import interleaved, macs_per_image, provenance, save_results  # noqa: E402
+from perf import interleaved, provenance, save_results  # noqa: E402
+
+from edgecompress.kernels import macs_per_image  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data as datasets  # noqa: E402

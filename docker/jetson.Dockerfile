@@ -20,7 +20,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/edgecompress
-COPY constraints.txt setup.cfg pyproject.toml README.md ./
+COPY constraints.txt constraints-runtime.txt setup.cfg pyproject.toml README.md ./
 COPY pipeline/ pipeline/
 COPY models/ models/
 COPY targets/ targets/

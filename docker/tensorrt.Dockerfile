@@ -14,7 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/tensorrt/bin:/usr/src/tensorrt/bin:${PATH}
 
 WORKDIR /opt/edgecompress
-COPY constraints.txt setup.cfg pyproject.toml README.md ./
+COPY constraints.txt constraints-runtime.txt setup.cfg pyproject.toml README.md ./
 COPY pipeline/ pipeline/
 COPY models/ models/
 COPY targets/ targets/

@@ -6,6 +6,7 @@ only from a file the user named.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import warnings
@@ -17,14 +18,16 @@ from torch import nn
 
 from edgecompress.errors import BadInput
 
-from . import ZOO, Normalized, create
+from . import ZOO, Normalized, create, libraries
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A state dict from a checkpoint file (a bare state dict, or a dict holding one under `state_dict`,
-    optionally beside a `meta` dict such as the shipped zoo weights carry), and that meta dict."""
+    """A state dict from a checkpoint file, and the `meta` dict beside it (the shipped zoo weights carry one).
+
+    Accepted: a bare state dict; a dict holding one under a key of STATE_KEYS (the training scripts' layouts,
+    `meta["checkpoint_key"]` says which was read); names with a DDP `module.` or torch.compile prefix."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"checkpoint not found: {path}")
@@ -36,7 +39,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about old pickle protocols on stderr
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # torchvision's and timm's training scripts store their argparse.Namespace beside the weights: a
+            # bag of attributes, safe to rebuild; everything else must still be tensors and plain containers.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # untrusted bytes: whatever the unpickler raises, the file is the problem
         # Keep torch's specific line, not its generic advice to retry with weights_only=False.
         text = str(exc)
@@ -51,13 +57,39 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise BadInput(f"{path} is not a readable PyTorch checkpoint ({reason}); "
                        "save one with torch.save(model.state_dict(), path)") from None
     meta = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        obj = obj["state_dict"]
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        meta = dict(obj["meta"]) if isinstance(obj.get("meta"), dict) else {}
+        key = next((k for k in STATE_KEYS if _is_state_dict(obj.get(k))), None)
+        if key is None:
+            raise BadInput(f"{path} is not a state dict (a mapping of names to tensors), nor holds one under "
+                           f"{' / '.join(STATE_KEYS)} (found keys {', '.join(map(str, list(obj)[:6])) or 'none'}); "
+                           "save one with torch.save(model.state_dict(), path)")
+        obj, meta["checkpoint_key"] = obj[key], key
+    if not _is_state_dict(obj):
         raise BadInput(f"{path} is not a state dict (a mapping of names to tensors); "
                        "save one with torch.save(model.state_dict(), path)")
-    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}, meta
+    return {k: v.float() if v.is_floating_point() else v for k, v in _strip_wrappers(obj).items()}, meta
+
+
+# Where training scripts keep the weights: edgecompress and timm (`state_dict`, `state_dict_ema`), torchvision's
+# reference scripts (`model`, `model_ema`). The plain weights win over the EMA ones when both are present.
+STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+# Prefixes wrappers add to every name: DistributedDataParallel / EMA wrappers, and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names as the bare model's state_dict() gives them: wrapper prefixes removed, and the averaging
+    counter torch.optim.swa_utils.AveragedModel keeps (torchvision's EMA) dropped."""
+    state = {k: v for k, v in state.items() if k != "n_averaged"}
+    for prefix in WRAPPER_PREFIXES:
+        while state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -136,14 +168,17 @@ def build_model(spec: str, weights: str, in_channels: int, num_classes: int,
     if spec in ZOO:
         net = create(spec, in_channels, num_classes)
         info["kind"] = "zoo"
+    elif libraries.is_library_spec(spec):
+        net = libraries.create(spec, in_channels, num_classes)
+        info["kind"] = spec.partition(":")[0]
     elif is_factory_spec(spec):
         net = load_factory(spec)
         info["kind"] = "factory"
     else:
         path = Path(spec)
         if not path.exists():
-            raise BadInput(f"--{role} {spec!r} is neither a zoo model ({', '.join(sorted(ZOO))}), "
-                           "nor an existing file, nor path/to/file.py:factory")
+            raise BadInput(f"--{role} {spec!r} is neither a zoo model ({', '.join(sorted(ZOO))}), nor "
+                           "torchvision:NAME or timm:NAME, nor an existing file, nor path/to/file.py:factory")
         if path.suffix == ".onnx":
             if role != "teacher":
                 raise BadInput(f"an ONNX {role} cannot be trained: give a zoo name or file.py:factory")
@@ -157,7 +192,9 @@ def build_model(spec: str, weights: str, in_channels: int, num_classes: int,
         if weights:
             raise BadInput(f"--{role}-weights is for zoo and factory models; a TorchScript file carries its weights")
         try:
-            net = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch 2.14 deprecates TorchScript; the user's file is one
+                net = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # a damaged TorchScript archive raises many kinds of error
             raise BadInput(f"cannot load TorchScript {path}: {str(exc).splitlines()[0][:160]}") from None
         info["kind"] = "torchscript"
@@ -165,6 +202,8 @@ def build_model(spec: str, weights: str, in_channels: int, num_classes: int,
     if weights:
         state, meta = read_checkpoint(weights)
         apply_state_dict(net, state, weights)
+        if "checkpoint_key" in meta:
+            info["checkpoint_key"] = meta["checkpoint_key"]
         if "mean" in meta and "std" in meta:  # weights trained by edgecompress know their normalisation
             info.update(mean=meta["mean"], std=meta["std"], trained_with=meta.get("command", ""))
             mean, std = meta["mean"], meta["std"]
@@ -252,6 +291,9 @@ def load_teacher(spec: str, weights: str, data_name: str, in_channels: int, num_
             raise BadInput(f"zoo teacher {spec} has no shipped weights for data {data_name!r}: pass --teacher-weights "
                            f"CKPT, or train one with `python -m edgecompress.models.train_teacher {spec} --data ...`")
         return build_model(spec, str(shipped), in_channels, num_classes, mean, std, "teacher")
+    if libraries.is_library_spec(spec) and not weights:
+        raise BadInput(f"teacher {spec} needs its trained weights: pass --teacher-weights CKPT (edgecompress never "
+                       "downloads pretrained weights)")
     return build_model(spec, weights, in_channels, num_classes, mean, std, "teacher")
 
 
@@ -262,8 +304,13 @@ def teacher_preprocess(spec: str, weights: str, data_name: str) -> tuple[dict, s
     the [preprocess] table) and its input's static shape. Empty when the teacher says nothing."""
     found: dict = {}
     path = Path(weights) if weights else (shipped_weights(spec, data_name) if spec in ZOO else None)
+    library_source = ""
+    if libraries.is_library_spec(spec):  # the library's record for the architecture; a checkpoint's meta wins
+        found, library_source = libraries.preprocess(spec), f"{spec.partition(':')[0]}'s recipe for {spec}"
     if path is not None and path.is_file():
         _, meta = read_checkpoint(path)
+        if not {"input_size", "in_channels", "mean", "std", "preprocess"} & set(meta) and library_source:
+            return _checked_contract(found, library_source), library_source
         source = f"the teacher checkpoint's meta ({path.name})"
         if isinstance(meta.get("input_size"), list):
             found["size"] = meta["input_size"]
@@ -296,6 +343,8 @@ def teacher_preprocess(spec: str, weights: str, data_name: str) -> tuple[dict, s
             found.update({k: v for k, v in declared.items()
                           if k in ("size", "resize", "interpolation", "mean", "std", "channels")})
         return _checked_contract(found, source), source
+    if found:
+        return _checked_contract(found, library_source), library_source
     return {}, ""
 
 

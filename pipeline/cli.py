@@ -272,12 +272,43 @@ def docker_command(target, run_dir, quiet, debug):
 
 
 @cli.command()
-def models():
-    """List the model zoo."""
-    from edgecompress.models import ZOO
+@click.option("--input-size", callback=_size, metavar="S|HxW",
+              help="Measure the students --student auto considers at this size (e.g. 224): parameters, MACs, "
+                   "the target's artifact latency at batch 1 on this host, and its int8 kernel coverage.")
+@click.option("--target", default=DEFAULTS.target, show_default=True, help="Target whose artifact is timed.")
+@click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(2, 100000),
+              help="Classifier outputs of the measured students.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def models(input_size, target, num_classes, quiet):
+    """List the model zoo, or measure it at an input size."""
+    from edgecompress import targets as target_profiles
+    from edgecompress.models import ZOO, libraries
 
-    for entry in ZOO.values():
-        click.echo(f"{entry.name:20s} {entry.family:14s} {entry.description}")
+    if not input_size:
+        for entry in ZOO.values():
+            click.echo(f"{entry.name:32s} {entry.family:14s} {entry.description}")
+        state = "installed" if libraries.available() else f"not installed: {libraries.INSTALL_HINT}"
+        for name in libraries.PHOTO_STUDENTS:
+            click.echo(f"{name:32s} {'photo student':14s} {name.partition(':')[0]} architecture (vision extra, {state})")
+        click.echo("any torchvision:NAME or timm:NAME classification model is accepted as teacher or student")
+        return 0
+    from . import select
+    from .runner import RunContext
+
+    size = tuple(input_size) * (2 if len(input_size) == 1 else 1)
+    profile = target_profiles.load(target)
+    progress = RunContext.progress_for(quiet)
+    rows = select.zoo_at(size, profile, num_classes, DEFAULTS.seed, progress)
+    click.echo(f"{size[0]}x{size[1]} RGB, {num_classes} classes, {profile.name} artifact at batch 1, "
+               f"{profile.threads} thread(s), on this host")
+    click.echo(f"{'model':32s} {'params':>10s} {'MMACs':>8s} {'p50 ms':>8s}  int8 layers  float between int8")
+    for r in rows:
+        dequantized = ", ".join(f"{op} x{n}" for op, n in r.get("dequantized_ops", {}).items()) or "-"
+        click.echo(f"{r['name']:32s} {r['params']:>10,} {r['macs'] / 1e6:>8.1f} {r['p50_ms']:>8.3f}  "
+                   f"{r.get('int8_layers', 0):>4d}/{r.get('int8_layers', 0) + r.get('float_layers', 0):<6d} {dequantized}")
+    if not libraries.available():
+        click.echo(f"torchvision's and timm's photo students are not listed: {libraries.INSTALL_HINT}")
+    return 0
 
 
 @cli.command()

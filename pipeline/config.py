@@ -18,7 +18,7 @@ from .errors import BadInput
 
 @dataclass
 class TeacherConfig:
-    spec: str = "resnet18_half"  # zoo name, TorchScript file, or path/to/file.py:factory
+    spec: str = "resnet18_half"  # zoo name, torchvision:NAME, timm:NAME, TorchScript or ONNX file, or file.py:factory
     weights: str = ""            # state dict for a zoo or factory teacher; zoo weights shipped for fashion-mnist
     # more teachers, for methods that take several (multi-teacher): specs, and weights paired with them by
     # position (empty, or one entry per spec with "" where a teacher needs none)
@@ -41,7 +41,7 @@ class PreprocessConfig:
 
 @dataclass
 class DistillConfig:
-    student: str = "resnet_fast_100"  # zoo name or path/to/file.py:factory
+    student: str = "resnet_fast_100"  # zoo name, torchvision:NAME, timm:NAME, path/to/file.py:factory, or auto
     method: str = "hinton"            # a name from `edgecompress methods`
     # options of the method (`edgecompress methods` lists them with their paper defaults); they win over
     # temperature/alpha below
@@ -155,9 +155,14 @@ class RunConfig:
         self._validate_preprocess()
         if self.loader_workers < 0:
             raise BadInput(f"loader_workers must be >= 0, got {self.loader_workers}")
+        from edgecompress.models import libraries
+
         from . import distillers  # torch: imported only when a config is checked
 
         distillers.resolve_options(d.method, d.method_opts)
+        for spec in (self.teacher.spec, *self.teacher.extra, d.student):
+            if libraries.is_library_spec(spec):  # before any stage runs: the extra is there, the name exists
+                libraries.check(spec)
         q = self.quantize
         if q.calibration_method not in ("minmax", "entropy", "percentile", "auto"):
             raise BadInput("quantize.calibration_method must be minmax, entropy, percentile or auto, "

@@ -29,9 +29,40 @@ def optimized_graph(path: Path, threads: int = 1, providers: tuple[str, ...] = (
 
 def kernel_report(path: Path, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                   settings=None) -> dict:
-    """Counts of the compute kernels in the optimised graph, and the names of the layers left in float."""
+    """Counts of the compute kernels in the optimised graph, the names of the layers left in float, and the
+    operators that run in float between int8 kernels (`dequantized_ops`, by type: a DequantizeLinear feeds
+    them): activations and blocks ORT has no int8 kernel for (Hardswish, SiLU, squeeze-excite's Mul and
+    ReduceMean, LayerNorm, GELU), each a dequantize-requantize round trip in the int8 graph."""
     graph = optimized_graph(path, threads, providers, settings)
     ops = Counter(node.op_type for node in graph.node)
     left_in_float = [node.name or node.output[0] for node in graph.node if node.op_type in FLOAT_COMPUTE]
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    islands = Counter(node.op_type for node in graph.node
+                      if node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape", *FLOAT_COMPUTE)
+                      and any(name in dequantized for name in node.input))
     return {"int8_compute_layers": sum(ops[op] for op in INT8_COMPUTE), "float_compute_layers": left_in_float,
-            "all_compute_int8": not left_in_float, "ops": dict(sorted(ops.items()))}
+            "all_compute_int8": not left_in_float, "dequantized_ops": dict(sorted(islands.items())),
+            "ops": dict(sorted(ops.items()))}
+
+
+def macs_per_image(path: Path) -> int:
+    """Multiply-accumulates of one image through the Conv and Gemm/MatMul nodes of an fp32 ONNX graph (a
+    MatMul of two activations, as in attention, is not counted)."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value = 1
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            _, cin_per_group, *kernel = weights[node.input[1]]
+            total += int(np.prod(shapes[node.output[0]][1:])) * cin_per_group * int(np.prod(kernel))
+        elif node.op_type in ("Gemm", "MatMul") and node.input[1] in weights:
+            total += int(np.prod(weights[node.input[1]]))
+    return total

@@ -95,6 +95,10 @@ def markdown(r: dict) -> str:
         leftovers = ", ".join(k["float_compute_layers"]) or "none"
         lines.append(f"- Int8 kernels in ONNX Runtime's optimised graph: {k['int8_compute_layers']} compute layers "
                      f"fused to int8; left in float: {leftovers}")
+        dequantized = ", ".join(f"{op} x{n}" for op, n in k.get("dequantized_ops", {}).items())
+        if dequantized:
+            lines.append(f"- Run in float between int8 kernels (ONNX Runtime has no int8 kernel for them; each is a "
+                         f"dequantize-requantize round trip): {dequantized}")
     selection = r.get("student_selection")
     if selection:
         lines += ["", f"## Student chosen for a {selection['max_latency_ms']} ms {selection['batch']} budget", "",

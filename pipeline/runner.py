@@ -58,6 +58,10 @@ class RunContext:
         if value != empty:
             return value, "the config"
         carried, source = self.teacher_contract
+        if name == "resize" and carried.get("resize") and carried.get("size") and self.config.preprocess.size:
+            # The teacher's resize goes with its own size (256 for a 224 crop): keep the ratio at the size asked.
+            ratio = carried["resize"] / max(carried["size"])
+            return round(ratio * max(self.config.preprocess.size)), f"{source}, scaled to the size asked"
         return (carried[name], source) if name in carried else (empty, "")
 
     @cached_property
@@ -99,6 +103,10 @@ class RunContext:
                                '{"state_dict": ..., "meta": {"mean": [...], "std": [...]}}')
             mean, std = datasets.channel_stats(ds.x_train)
             where = "measured on the training images"
+        if len(mean) != pre.num_channels and "'s recipe for " in where and pre.num_channels == 1:
+            # a torchvision/timm architecture's ImageNet RGB statistics say nothing about grey training images
+            mean, std = datasets.channel_stats(ds.x_train)
+            where = f"measured on the training images ({where} gives RGB values, the images are grey)"
         if len(mean) != pre.num_channels:
             if len(mean) == 1:  # one value for all channels
                 mean, std = list(mean) * pre.num_channels, list(std) * pre.num_channels
@@ -156,9 +164,16 @@ class RunContext:
 
     def progress(self, items: Iterable | None, label: str, length: int | None = None):
         """A progress bar on stderr, or the bare iterable when quiet or not on a terminal."""
-        if self.quiet or not sys.stderr.isatty():
-            return NoBar(items)
-        return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)
+        return RunContext.progress_for(self.quiet)(items, label, length)
+
+    @staticmethod
+    def progress_for(quiet: bool):
+        def progress(items: Iterable | None, label: str, length: int | None = None):
+            if quiet or not sys.stderr.isatty():
+                return NoBar(items)
+            return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True,
+                                     show_eta=True)
+        return progress
 
 
 @dataclass(frozen=True)

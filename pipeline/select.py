@@ -1,4 +1,4 @@
-"""`--student auto`: measure the zoo's students on this host, as int8 artifacts under the target's settings, and
+"""`--student auto`: measure the zoo's students (and torchvision's and timm's photo students) on this host, as int8 artifacts under the target's settings, and
 pick the one to distil for a latency budget.
 
 Latency is measured, not estimated: each candidate (untrained: latency does not depend on the weights) is
@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.models import ZOO, count_params
+import torch
+
+from edgecompress.models import ZOO, count_params, libraries
 from edgecompress.models.loaders import build_model
 
 from . import config as cfg
 from . import data as datasets
 from . import files, quantize, schemes
 from .errors import BadInput, StageFailed
+from .kernels import kernel_report, macs_per_image
 from .runner import RunContext, digest
 from .runners import OrtRunner
 from .verify import time_runs
@@ -41,24 +44,28 @@ def latency_budget(ctx: RunContext) -> float:
     return budget
 
 
-def candidates(teacher_params: int) -> list[str]:
-    """Zoo models smaller than the teacher, smallest first."""
-    sizes = {name: count_params(entry.factory(in_channels=1, num_classes=10, **entry.defaults))
-             for name, entry in ZOO.items()}
+def candidates(teacher_params: int, input_shape: tuple[int, int, int]) -> list[str]:
+    """Students smaller than the teacher, smallest first: the zoo's, and torchvision's and timm's photo students
+    (the vision extra) when the images are at least PHOTO_MIN_SIDE px a side."""
+    names = list(ZOO)
+    if min(input_shape[1:]) >= libraries.PHOTO_MIN_SIDE and libraries.available():
+        names += libraries.PHOTO_STUDENTS
+    sizes = {name: count_params(build_model(name, "", input_shape[0], 10, [0.0], [1.0], "student")[0])
+             for name in names}
     return sorted((n for n, p in sizes.items() if p < teacher_params), key=lambda n: (sizes[n], n))
 
 
-def measure(ctx: RunContext, name: str, batch: int, workdir: Path) -> dict:
-    """p50 (ms per batch) of zoo student `name` as the target's artifact (int8 QDQ, fp16 or fp32), on this host."""
-    ds, target = ctx.data, ctx.target
-    model, _ = build_model(name, "", ds.input_shape[0], ds.num_classes, *ctx.data_stats, role="student")
-    spec = {"input_shape": list(ds.input_shape), "mean": ctx.data_stats[0], "std": ctx.data_stats[1],
-            "classes": list(ds.classes)}
+def measure_student(model: torch.nn.Module, name: str, input_shape: tuple[int, int, int], classes: list[str],
+                    mean: list[float], std: list[float], calibration: torch.Tensor, images: torch.Tensor,
+                    target, batch: int, workdir: Path, warmup: int, progress, kernels: bool = False) -> dict:
+    """p50 (ms per batch) of `model` (untrained: latency does not depend on the weights) as the target's artifact
+    (int8 QDQ calibrated on `calibration`, fp16 or fp32), timed on `images` on this host; with `kernels`, also its
+    MACs and which layers ONNX Runtime runs in int8."""
+    spec = {"input_shape": list(input_shape), "mean": mean, "std": std, "classes": list(classes)}
     scheme = schemes.for_target(target)
     fp32, artifact = workdir / f"{name}.fp32.onnx", workdir / f"{name}.{scheme.precision}.onnx"
     quantize.export_onnx(model.eval(), spec, target.opset, fp32)
     if scheme.precision == "int8":
-        calibration = ds.x_train[datasets.stratified_sample(ds.y_train, CALIBRATION_IMAGES, ctx.config.seed)]
         quantize.quantize_qdq(fp32, artifact, calibration, "minmax", scheme)
     elif scheme.precision == "fp16":
         quantize.convert_fp16(fp32, artifact)
@@ -67,11 +74,26 @@ def measure(ctx: RunContext, name: str, batch: int, workdir: Path) -> dict:
     runtime = f"onnxruntime-{scheme.precision}"
     make_runner = functools.partial(OrtRunner, artifact, target.threads, runtime, target.execution_providers,
                                     target.onnxruntime)
-    sessions = time_runs(make_runner, ds.x_eval, batch, ctx.config.verify.warmup_runs, TIMING_RUNS, TIMING_SECONDS,
-                         lambda length: ctx.progress(None, f"timing {name}", length), TIMING_SESSIONS)
+    sessions = time_runs(make_runner, images, batch, warmup, TIMING_RUNS, TIMING_SECONDS,
+                         lambda length: progress(None, f"timing {name}", length), TIMING_SESSIONS)
     times = np.concatenate(sessions)
-    return {"name": name, "params": count_params(model), "p50_ms": round(float(np.median(times)), 4),
-            "session_p50_ms": [round(float(np.median(s)), 4) for s in sessions]}
+    row = {"name": name, "params": count_params(model), "p50_ms": round(float(np.median(times)), 4),
+           "session_p50_ms": [round(float(np.median(s)), 4) for s in sessions]}
+    if kernels:
+        found = kernel_report(artifact, target.threads, target.execution_providers, target.onnxruntime)
+        row |= {"macs": macs_per_image(fp32), "int8_layers": found["int8_compute_layers"],
+                "float_layers": len(found["float_compute_layers"]), "dequantized_ops": found["dequantized_ops"]}
+    return row
+
+
+def measure(ctx: RunContext, name: str, batch: int, workdir: Path) -> dict:
+    """measure_student for a candidate of this run, at the data's shape, calibrated on its training images."""
+    ds = ctx.data
+    model, _ = build_model(name, "", ds.input_shape[0], ds.num_classes, *ctx.data_stats, role="student")
+    calibration = datasets.to_float(ds.x_train[datasets.stratified_sample(ds.y_train, CALIBRATION_IMAGES,
+                                                                          ctx.config.seed)])
+    return measure_student(model, name, ds.input_shape, ds.classes, *ctx.data_stats, calibration, ds.x_eval,
+                           ctx.target, batch, workdir, ctx.config.verify.warmup_runs, ctx.progress)
 
 
 def choose(measured: list[dict], budget: float) -> str | None:
@@ -90,7 +112,7 @@ def select_student(ctx: RunContext) -> dict:
                        f"runs {target.runtime}: name a student with --student")
     batch = target.batch[0]
     teacher_params = count_params(ctx.teacher[0])
-    names = candidates(teacher_params)
+    names = candidates(teacher_params, ds.input_shape)
     if not names:
         raise BadInput(f"--student auto: no zoo model is smaller than the teacher ({teacher_params:,} parameters); "
                        "name a student with --student")
@@ -121,3 +143,28 @@ def select_student(ctx: RunContext) -> dict:
     ctx.config.distill.student = record["chosen"]
     ctx.log(f"[select] chose {record['chosen']} ({RULE})")
     return record
+
+
+def zoo_at(size: tuple[int, int], target, num_classes: int, seed: int, progress) -> list[dict]:
+    """The students `--student auto` considers for RGB images of `size`, each built with `num_classes` outputs
+    and measured as the target's artifact on this host (params, MACs, p50 at batch 1, int8 kernel coverage),
+    calibrated and timed on real Fashion-MNIST images brought to that size."""
+    if not target.runtime.startswith("onnxruntime"):
+        raise BadInput(f"the zoo is timed with ONNX Runtime on this host; target {target.name} runs {target.runtime}")
+    fashion = datasets.load("fashion-mnist", seed)
+    geometry = datasets.Geometry(tuple(size), 0, "bilinear", "rgb")
+    calibration = datasets.convert(fashion.x_train[datasets.stratified_sample(fashion.y_train, CALIBRATION_IMAGES,
+                                                                               seed)], geometry)
+    images = datasets.convert(fashion.x_eval[:64], geometry)
+    shape = (3, *size)
+    photos = min(size) >= libraries.PHOTO_MIN_SIDE and libraries.available()
+    names = list(ZOO) + (list(libraries.PHOTO_STUDENTS) if photos else [])
+    classes, mean, std = [str(i) for i in range(num_classes)], [0.5] * 3, [0.25] * 3
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgecompress-zoo-") as tmp:
+        for name in names:
+            model, _ = build_model(name, "", 3, num_classes, mean, std, "student")
+            rows.append(measure_student(model, name.replace(":", "-"), shape, classes, mean, std, calibration,
+                                        images, target, target.batch[0], Path(tmp), 10, progress, kernels=True)
+                        | {"name": name})
+    return rows

@@ -186,3 +186,24 @@ def test_distill_on_cuda_uses_amp(small, tmp_path):
     history = json.loads((run / "distill" / "history.json").read_text())
     assert history["device"].startswith("cuda") and history["autocast"] == "torch.bfloat16"
     assert all(np.isfinite(e["ce"]) for e in history["epochs"])
+
+
+def test_batchnorm_adaptation_sets_the_population_statistics_of_the_final_weights(fashion_small):
+    """Written from the definition: after adaptation, a BN's running mean and (unbiased) variance are the
+    per-channel mean and variance of its input over all the images, whatever they were before and whatever
+    its momentum (0.01 here, as torchvision's MobileNetV3 uses)."""
+    from edgecompress.distill.trainer import adapt_batchnorm
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 4, 3)
+    bn = torch.nn.BatchNorm2d(4, momentum=0.01)
+    model = torch.nn.Sequential(conv, bn, torch.nn.ReLU(), torch.nn.Dropout(0.5)).train()
+    images = torch.from_numpy(fashion_small[0][:96]).unsqueeze(1)  # uint8, as the stage passes them
+    assert adapt_batchnorm(model, images, 32, torch.device("cpu")) == 96
+    with torch.no_grad():
+        feats = conv(images.float() / 255).transpose(0, 1).reshape(4, -1)
+    assert torch.allclose(bn.running_mean, feats.mean(1), atol=1e-5)
+    # equal-weight average of the three batches' unbiased variances, as BatchNorm's cumulative mode keeps
+    per_batch = [conv(images[i:i + 32].float() / 255).transpose(0, 1).reshape(4, -1).var(1) for i in (0, 32, 64)]
+    assert torch.allclose(bn.running_var, torch.stack(per_batch).mean(0).detach(), atol=1e-5)
+    assert bn.momentum == 0.01 and model.training  # restored

@@ -1,6 +1,9 @@
 """edgecompress.models.loaders: checkpoints, state dicts, factory files and TorchScript teachers."""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,14 +54,52 @@ def test_read_checkpoint_wrapped_with_meta(tmp_path):
     torch.save({"state_dict": state, "meta": meta}, tmp_path / "ckpt.pt")
     got, got_meta = read_checkpoint(str(tmp_path / "ckpt.pt"))
     assert _same_state(got, state)
-    assert got_meta == meta
+    assert got_meta == meta | {"checkpoint_key": "state_dict"}
 
 
 def test_read_checkpoint_wrapped_without_a_meta_dict(tmp_path):
     state = _model().state_dict()
     torch.save({"state_dict": state, "meta": "not a dict"}, tmp_path / "ckpt.pt")
     got, meta = read_checkpoint(tmp_path / "ckpt.pt")
-    assert _same_state(got, state) and meta == {}
+    assert _same_state(got, state) and meta == {"checkpoint_key": "state_dict"}
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+# The layouts training scripts write: DDP's `module.` prefix, torch.compile's `_orig_mod.`, torchvision's
+# reference script ({"model", "model_ema" of an AveragedModel, "args": Namespace, ...}) and timm's train.py
+# ({"state_dict", "state_dict_ema", "args": Namespace, "metric", ...}).
+LAYOUTS = {
+    "ddp-prefix": lambda sd, ema: _prefixed(sd, "module."),
+    "compiled-ddp": lambda sd, ema: _prefixed(sd, "module._orig_mod."),
+    "torchvision-reference": lambda sd, ema: {
+        "model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, "epoch": 89,
+        "args": argparse.Namespace(model="resnet_slim_050", lr=0.5, epochs=90),
+        "model_ema": {**_prefixed(ema, "module."), "n_averaged": torch.tensor(7)}},
+    "timm-train": lambda sd, ema: {
+        "epoch": 299, "arch": "resnet_slim_050", "state_dict": sd, "state_dict_ema": ema, "version": 2,
+        "args": argparse.Namespace(model="resnet_slim_050", lr=0.05), "metric": 91.2},
+    "ema-only": lambda sd, ema: {"model_ema": {**_prefixed(ema, "module."), "n_averaged": torch.tensor(7)}},
+}
+LAYOUT_KEYS = {"ddp-prefix": None, "compiled-ddp": None, "torchvision-reference": "model",
+               "timm-train": "state_dict", "ema-only": "model_ema"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_read_checkpoint_takes_the_training_scripts_layouts(tmp_path, layout):
+    state, ema = _model(seed=0).state_dict(), _model(seed=1).state_dict()
+    torch.save(LAYOUTS[layout](state, ema), tmp_path / "ckpt.pt")
+    got, meta = read_checkpoint(tmp_path / "ckpt.pt")
+    assert _same_state(got, ema if layout == "ema-only" else state)
+    assert meta.get("checkpoint_key") == LAYOUT_KEYS[layout]
+
+
+def test_read_checkpoint_still_refuses_other_objects_beside_the_weights(tmp_path):
+    torch.save({"state_dict": _model().state_dict(), "args": Path("/etc/passwd")}, tmp_path / "ckpt.pt")
+    with pytest.raises(BadInput, match="refused: it holds more than tensors"):
+        read_checkpoint(tmp_path / "ckpt.pt")
 
 
 def test_read_checkpoint_makes_half_precision_float32_and_keeps_integers(tmp_path):

@@ -19,7 +19,7 @@ from .sources import (EVAL_FRACTION, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, D
 
 __all__ = ["Dataset", "Geometry", "IMAGE_SUFFIXES", "PackedImages", "Preprocess", "EVAL_FRACTION",
            "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "channel_stats", "inference_batch", "load", "split",
-           "stratified_sample", "take", "to_float", "default_workers"]
+           "stratified_sample", "take", "to_float", "default_workers", "convert"]
 
 IN_MEMORY_BYTES = 1 << 30  # an in-memory source converted to more than this is refused: write an image folder
 
@@ -93,11 +93,11 @@ def _conform(ds: Dataset, geometry: Geometry) -> Dataset:
     if int(np.prod(settled.image_shape)) * (len(ds.y_train) + len(ds.y_eval)) > IN_MEMORY_BYTES:
         raise BadInput(f"data {ds.name} at {'x'.join(map(str, settled.image_shape))} would take more than "
                        f"{IN_MEMORY_BYTES >> 30} GiB in memory: write it as an image folder, which is streamed")
-    return _check(Dataset(ds.name, _convert(ds.x_train, settled), ds.y_train, _convert(ds.x_eval, settled), ds.y_eval,
+    return _check(Dataset(ds.name, convert(ds.x_train, settled), ds.y_train, convert(ds.x_eval, settled), ds.y_eval,
                           ds.classes, ds.skipped))
 
 
-def _convert(x: torch.Tensor, geometry: Geometry, chunk: int = 2000) -> torch.Tensor:
+def convert(x: torch.Tensor, geometry: Geometry, chunk: int = 2000) -> torch.Tensor:
     """uint8 images resized and cropped by the contract's arithmetic (preprocess.output_size, crop_box)."""
     import torch.nn.functional as F
 

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from edgecompress.models import libraries
+
 from .. import distillers
 from ..distillers import FeatureTap, Setup
 from ..errors import BadInput
@@ -25,8 +27,14 @@ def _resolve(model: nn.Module, path: str) -> str:
 
 @torch.no_grad()
 def stage_ends(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """The end of each stage: for every spatial size the network computes, the last module inside a
-    Sequential that outputs a 4-D map of that size (a ResNet stage, a MobileNet block), in execution order."""
+    """The end of each stage: the modules a timm model lists in its feature_info, else, for every spatial size
+    the network computes, the last module inside a Sequential that outputs a 4-D map of that size (a ResNet
+    stage of the zoo or torchvision, a MobileNet or EfficientNet block), in execution order."""
+    recorded = libraries.feature_modules(unwrap(model))
+    if recorded:
+        prefix = "net." if unwrap(model) is not model else ""
+        paths = [prefix + p for p in recorded]
+        return list(zip(paths, shapes_of(model, paths, x)))
     parents = {f"{path}.{child}" if path else child: module for path, module in model.named_modules()
                for child, _ in module.named_children()}
     last: dict[tuple[int, int], tuple[int, str, tuple[int, ...]]] = {}

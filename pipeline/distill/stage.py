@@ -291,12 +291,16 @@ def run(ctx: RunContext) -> Path:
         distiller.tap.remove()
     artifact = out_dir / "student.pt"
     if dist.writer:
+        sample = ds.x_train[datasets.stratified_sample(ds.y_train, trainer.BN_ADAPTATION_IMAGES, seed)]
+        adapted = trainer.adapt_batchnorm(distiller.student, sample, conf.batch, device,
+                                          (lambda x: views(x)[0]) if views is not None else None)
         student = distiller.student.cpu().to(memory_format=torch.contiguous_format).eval()
         files.write_json(out_dir / "history.json", {
             "method": conf.method, "options": opts, "teachers": [spec for spec, _ in teacher_specs(ctx)] if teachers else [],
             "student_layers": prepared.student_layers, "teacher_layers": prepared.teacher_layers,
             "device": str(device), "processes": dist.world,
-            "autocast": str(autocast) if autocast else "fp32", "epochs": history})
+            "autocast": str(autocast) if autocast else "fp32", "epochs": history,
+            "batchnorm_adapted_on_images": adapted})
         spec = {"student": conf.student, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
                 "classes": ds.classes, "mean": ctx.data_stats[0], "std": ctx.data_stats[1],
                 "preprocess": ctx.preprocess.describe(),

@@ -12,12 +12,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from .. import config as cfg
+from .. import data as datasets
 from .. import files
 from ..errors import StageFailed
 
@@ -194,3 +195,34 @@ def fit(distiller: nn.Module, batches: Batches, teacher: Teacher, schedule: Sche
                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                             "history": history}, tmp)
     return history
+
+
+BN_ADAPTATION_IMAGES = 2000  # NNCF's default number of BatchNorm adaptation samples
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device,
+                    view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance for the final weights, as an equal-weight
+    average over `images` in fp32 with the rest of the network in eval mode (NNCF's BatchNorm adaptation;
+    torch.optim.swa_utils.update_bn). Why: the exported model normalises with the running statistics, and
+    after a short distillation they trail the weights when the BN momentum is small (torchvision's MobileNetV3
+    uses 0.01: 60 steps leave them half-way from their initial values). Returns the images used (0: no BN)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not len(images):
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    try:
+        for i in range(0, len(images), batch):
+            x = datasets.to_float(images[i:i + batch]).to(device)
+            model((view(x) if view else x).contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(images)
