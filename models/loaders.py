@@ -123,8 +123,10 @@ def import_callable(spec: str):
     write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside user files
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:  # user code: any failure is the user's input error
-        raise BadInput(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # user code: any failure, sys.exit() included, is the user's input error
+        raise BadInput(f"importing {file} failed: {_user_failure(exc)}") from None
     finally:
         sys.dont_write_bytecode = write_bytecode
     found = getattr(module, name, None)
@@ -133,13 +135,21 @@ def import_callable(spec: str):
     return found
 
 
+def _user_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
 def load_factory(spec: str) -> nn.Module:
     """Build a model from `path/to/file.py:factory` (the user named the file, so its code may run)."""
     factory = import_callable(spec)
     try:
         model = factory()
-    except Exception as exc:
-        raise BadInput(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # as in import_callable
+        raise BadInput(f"{spec}() failed: {_user_failure(exc)}") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     return model

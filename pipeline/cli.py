@@ -252,6 +252,9 @@ def docker_command(target, run_dir, quiet, debug):
     from .errors import BadInput
 
     profile = profiles.load(target)
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(run_dir)):
+        # the printed lines are meant to be pasted into a shell: a newline in a path would start a command
+        raise BadInput(f"--run-dir {str(run_dir)!r} contains a control character (a newline?); rename the folder")
     if (run_dir / "run.toml").is_file():
         made_for = profiles.load(cfg.read_toml(run_dir / "run.toml").get("target", "")).name
         if made_for != profile.name:
@@ -260,7 +263,7 @@ def docker_command(target, run_dir, quiet, debug):
     build, *runs = containers.commands(profile, run_dir)
     click.echo(f"# build the {profile.name} image ({profile.docker.base_image}, {profile.docker.platform})")
     click.echo(shlex.join(build))
-    click.echo(f"# export and verify {run_dir} with the target's runtime")
+    click.echo(f"# export and verify {shlex.quote(str(run_dir))} with the target's runtime")
     for command in runs:
         click.echo(shlex.join(command))
     reason = containers.engine_answers()
@@ -346,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except Exception as exc:  # the last resort: one line, the traceback only on --debug
+    except SystemExit as exc:  # click's own exits come back as return values here: this one is a model's code
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: model code called sys.exit({exc.code!r}) while it ran; the run stopped", err=True)
+        return 1
+    except BaseException as exc:  # the last resort: one line, the traceback only on --debug
         if debug:
             traceback.print_exc()
         click.echo(f"error: internal failure: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

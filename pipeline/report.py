@@ -45,6 +45,17 @@ def _class_names(r: dict) -> list[str]:
     return r["data"]["classes"]
 
 
+MARKDOWN_SPECIAL = "\\`*_[]|~"  # what changes a table cell's meaning; `-`, `#`, `.` only matter at a line's start
+
+
+def md(text: str) -> str:
+    """`text` shown literally in Markdown (a class or folder name): its special characters backslash-escaped,
+    HTML's `<`, `>` and `&` as entities, line breaks as spaces (a table row is one line)."""
+    text = " ".join(str(text).split("\n")).replace("\r", " ")
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIAL else c for c in text)
+
+
 def _preprocess_line(r: dict) -> list[str]:
     p = r["data"].get("preprocess")
     if not p:
@@ -65,7 +76,7 @@ def markdown(r: dict) -> str:
             + "agreement [95% CI] | params | size | "
             + " | ".join(f"{b} p50 [95% CI] / p90 / p99 (ms)" for b in batches) + " |")
     lines = [f"# edgecompress report: {r['target']}", "",
-             f"Data: {r['data']['name']}, {r['data']['eval_images']} eval images. "
+             f"Data: {md(r['data']['name'])}, {r['data']['eval_images']} eval images. "
              f"Host: {r['host']['cpu']} ({', '.join(r['host']['cpu_flags'])}).", *_preprocess_line(r), "",
              head, "|" + "---|" * (7 + has_top5 + len(batches))]
     for name, title in SUBJECTS:
@@ -125,14 +136,14 @@ def markdown(r: dict) -> str:
     lines += ["", "## Per-class top-1", "", "| class | eval images | teacher | student fp32 | artifact |",
               "|---|---|---|---|---|"]
     for c, name in enumerate(_class_names(r)):
-        lines.append(f"| {name} | {r['data']['eval_per_class'][c]} | "
+        lines.append(f"| {md(name)} | {r['data']['eval_per_class'][c]} | "
                      + " | ".join(_pct(r[s]["per_class_accuracy"][c]) for s, _ in SUBJECTS) + " |")
     if len(_class_names(r)) <= MAX_CLASSES_TABULATED:
         lines += ["", "## Confusion matrix of the artifact (rows: true class, columns: predicted)", "",
-                  "| true \\ predicted | " + " | ".join(_class_names(r)) + " |",
+                  "| true \\ predicted | " + " | ".join(map(md, _class_names(r))) + " |",
                   "|---|" + "---|" * len(_class_names(r))]
         for name, row in zip(_class_names(r), r["artifact"]["confusion_matrix"]):
-            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+            lines.append(f"| {md(name)} | " + " | ".join(str(v) for v in row) + " |")
     s = r["statistics"]
     lines += ["", "## Plots", "", "![accuracy vs latency vs size](plots/tradeoff.png)", "",
               "![per-class accuracy](plots/per_class.png)", "", "![latency of every timed run](plots/latency.png)",

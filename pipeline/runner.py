@@ -233,6 +233,17 @@ def run_stage(ctx: RunContext, stage: Stage) -> Path:
     return artifact
 
 
+def refuse_links(out: Path) -> None:
+    """BadInput when a symbolic link lies anywhere inside the run directory: every file a run writes or removes
+    is under `out`, and a planted link would carry those writes and removals elsewhere."""
+    for folder, dirs, names in os.walk(out):  # os.walk does not descend into linked folders; it lists them
+        for name in dirs + names:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise BadInput(f"the run directory holds a symbolic link, {path} -> {os.readlink(path)}: edgecompress "
+                               "never writes through links; remove it, or give another --out")
+
+
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold the run directory for this process. The kernel drops an flock when its process dies, even by
@@ -240,8 +251,15 @@ def locked(out: Path) -> Iterator[None]:
     if rank() != 0:  # the other ranks of a torchrun job work under rank 0's lock
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the run directory {out}: {exc.strerror}; give another --out") from None
+    refuse_links(out)
+    try:
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise BadInput(f"cannot write in the run directory {out}: {exc.strerror}; give another --out") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

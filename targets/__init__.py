@@ -31,6 +31,9 @@ EXECUTION_PROVIDERS = ("CPUExecutionProvider", "XnnpackExecutionProvider", "Nnap
                        "QNNExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider")
 
 
+MAX_THREADS = 1024  # intra-op threads of a target: more than the largest servers' cores
+
+
 @dataclass(frozen=True)
 class Budgets:
     max_accuracy_drop: float = 2.0  # points of top-1 below the teacher
@@ -214,6 +217,8 @@ def _build(raw: dict, where: str) -> Target:
         _choice(provider, EXECUTION_PROVIDERS, "execution_providers entry", where)
     if any(b < 1 for b in values.get("batch", (1,))) or values.get("threads", 1) < 1:
         raise BadInput(f"{where}: batch sizes and threads must be >= 1")
+    if values.get("threads", 1) > MAX_THREADS:  # ONNX Runtime crashes without a word on absurd thread counts
+        raise BadInput(f"{where}: threads = {values['threads']} is more than any device has; at most {MAX_THREADS}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", values["name"]):
         # the name becomes the folder export/<name>/ inside the run directory
         raise BadInput(f"{where}: name {values['name']!r} must be letters, digits, '.', '_' or '-' "

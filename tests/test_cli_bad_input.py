@@ -127,6 +127,19 @@ def case_teacher_input_shape_mismatch(w, npz, teacher):
                                                                        "declare --channels rgb"]
 
 
+def case_factory_file_calling_sys_exit_on_import(w, npz, teacher):
+    spec = w.inputs / "exits.py"
+    spec.write_text("import sys\n\nsys.exit(0)\n\n\ndef build():\n    return None\n")
+    return ["--data", str(npz), "--teacher", f"{spec}:build", *STUDENT], ["importing", "exits.py",
+                                                                       "it called sys.exit(0)"]
+
+
+def case_factory_raising_a_base_exception(w, npz, teacher):
+    spec = w.inputs / "base.py"
+    spec.write_text("class Stop(BaseException):\n    pass\n\n\ndef build():\n    raise Stop('from the factory')\n")
+    return ["--data", str(npz), "--teacher", f"{spec}:build", *STUDENT], ["build() failed", "Stop: from the factory"]
+
+
 def _photo_folder(w, npz, count=20):
     from PIL import Image
 
@@ -388,7 +401,8 @@ CASES = [
     case_mean_of_the_wrong_length, case_mean_for_rgb_on_grey_channels, case_csv_naming_missing_files,
     case_bad_input_size, case_npz_with_an_object_array, case_npz_label_of_a_billion,
     case_npz_header_claiming_a_huge_shape, case_npz_with_a_bad_crc, case_decompression_bomb_png,
-    case_first_image_too_large_without_a_size,
+    case_first_image_too_large_without_a_size, case_factory_file_calling_sys_exit_on_import,
+    case_factory_raising_a_base_exception,
 ]
 
 
@@ -496,3 +510,39 @@ def test_factory_teacher_writes_nothing_beside_the_factory_file(where, small_npz
                         "--out", str(where.out)], where.cwd, env)
     assert proc.returncode == 2, proc.stderr
     assert sorted(p.name for p in factory_dir.rglob("*")) == ["teacher5.py"]
+
+
+def test_a_model_exiting_in_its_forward_is_one_line_not_a_silent_success(where, capsys, small_npz):
+    """sys.exit() inside the teacher's forward (not at import): the run stops with one line and exit 1."""
+    spec = where.inputs / "forward_exits.py"
+    spec.write_text("import sys\n\nimport torch\n\n\nclass Net(torch.nn.Module):\n"
+                    "    def forward(self, x):\n        sys.exit(0)\n\n\ndef build():\n    return Net()\n")
+    code = main(["compress", "--data", str(small_npz), "--teacher", f"{spec}:build", *STUDENT, "--out", str(where.out)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert_one_error_line(err, "sys.exit(0)")
+
+
+@pytest.mark.parametrize("planted", [".lock", "verify", "export/x86-cpu", "data/images.u8"])
+def test_a_symlink_planted_in_the_run_directory_is_refused_and_nothing_outside_changes(planted, where, capsys,
+                                                                                      small_npz, teacher_spec):
+    victim_file = where.inputs / "precious.txt"
+    victim_file.write_text("keep me\n")
+    victim_dir = where.inputs / "precious"
+    victim_dir.mkdir()
+    (victim_dir / "report.json").write_text("{}\n")
+    link = where.out / planted
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(victim_dir if planted in ("verify", "export/x86-cpu") else victim_file)
+    run_bad(where, capsys, ["--data", str(small_npz), "--teacher", teacher_spec, *STUDENT],
+            "symbolic link", planted.split("/")[-1])
+    assert victim_file.read_text() == "keep me\n" and (victim_dir / "report.json").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("out", ["a-file/run", "/proc/edgecompress-run"], ids=["under-a-file", "read-only-fs"])
+def test_an_out_that_cannot_be_created_is_one_line(out, where, capsys, small_npz, teacher_spec):
+    (where.inputs / "a-file").write_text("")
+    path = where.inputs / out if not out.startswith("/") else Path(out)
+    code = main(["compress", "--data", str(small_npz), "--teacher", teacher_spec, *STUDENT, "--out", str(path)])
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, "cannot create the run directory", "give another --out")

@@ -124,3 +124,20 @@ def test_docker_command_refuses_a_run_made_for_another_target(tmp_path, capsys):
 def test_without_a_docker_engine_the_commands_are_printed_not_run(capsys):
     assert main(["docker", "x86-cpu", "--run-dir", "runs/none"]) == 0
     assert "# not run here:" in capsys.readouterr().out
+
+
+def test_every_printed_line_is_safe_to_paste_into_a_shell(tmp_path, capsys):
+    """A run directory whose name carries a newline and a command is refused before anything is printed (the
+    comment line would end at the newline and the rest run); shell syntax in a name is quoted everywhere."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / f"run\ntouch {marker}\n"
+    assert main(["docker", "x86-cpu", "--run-dir", str(evil)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "control character" in captured.err
+    odd = tmp_path / "run $(touch x); `y`"
+    assert main(["docker", "x86-cpu", "--run-dir", str(odd)]) == 0
+    script = capsys.readouterr().out
+    # every line parses as words (comment lines included), and the odd name only ever appears quoted
+    for line in script.splitlines():
+        words = shlex.split(line, comments=True)
+        assert all("$(touch x)" not in w or str(odd.resolve()) in w or str(odd) in w for w in words), line

@@ -184,3 +184,20 @@ def test_report_carries_the_quantize_stage_tries(written, small_run):
     text = reports.markdown(report)
     assert "## Quantization tries (onnxruntime-x86-qdq" in text
     assert f"| 0 | ptq | {calibration['tries'][0]['calibration']} |" in text
+
+
+def test_markdown_shows_class_names_literally(written):
+    """A class named with Markdown and HTML syntax stays one literal cell: the table keeps its columns, no tag
+    or emphasis appears, and removing the escapes gives the name back."""
+    import re
+
+    report = copy.deepcopy(written[0])
+    name = 'a|b *bold* _it_ [x](http://example.invalid) <img src="y.png"> `c`'
+    report["data"]["classes"][2] = name
+    text = reports.markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| a\\|b"))
+    cells = re.split(r"(?<!\\)\|", row)[1:-1]
+    assert len(cells) == 5, cells  # class, eval images, teacher, student fp32, artifact
+    assert "<img" not in text and "[x](" not in text
+    shown = cells[0].strip().replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    assert re.sub(r"\\(.)", r"\1", shown) == name

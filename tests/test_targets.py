@@ -121,6 +121,7 @@ def test_bad_choice_lists_the_valid_ones(tmp_path, old, new, valid):
     ("max_accuracy_drop = 2.0", "max_accuracy_drop = -0.5", "must be a finite number >= 0"),
     ("threads = 1", "threads = 0", "threads must be >= 1"),
     ("threads = 1", "threads = -2", "threads must be >= 1"),
+    ("threads = 1", "threads = 100000", "threads = 100000 is more than any device has; at most 1024"),
     ("batch = [1, 64]", "batch = [0, 64]", "batch sizes"),
     ("batch = [1, 64]", "batch = []", "non-empty list"),
     ("opset = 17", "opset = 9", "opset"),
@@ -128,7 +129,8 @@ def test_bad_choice_lists_the_valid_ones(tmp_path, old, new, valid):
     ("threads = 1", "threads = true", "threads must be int"),
     ("min_speedup = 10.0", 'min_speedup = "fast"', "min_speedup must be float"),
     ("allow_spinning = true", 'allow_spinning = "no"', "allow_spinning must be bool"),
-], ids=["negative-speedup", "negative-drop", "zero-threads", "negative-threads", "zero-batch", "empty-batch",
+], ids=["negative-speedup", "negative-drop", "zero-threads", "negative-threads", "absurd-threads", "zero-batch",
+        "empty-batch",
         "old-opset", "string-threads", "bool-threads", "string-budget", "string-spinning"])
 def test_bad_values_are_refused(tmp_path, old, new, match):
     assert old in X86

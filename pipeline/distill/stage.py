@@ -156,7 +156,9 @@ def pair_transform(distiller: distillers.Distiller) -> Callable | None:
     def checked(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             out = user(x)
-        except Exception as exc:  # user code
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # user code, sys.exit() included
             raise BadInput(f"{view} failed on a batch of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
         if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(v, torch.Tensor) for v in out)):
             raise BadInput(f"{view} must return (student_view, teacher_view) tensors, got {type(out).__name__}")
