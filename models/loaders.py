@@ -6,7 +6,6 @@ only from a file the user named.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import warnings
@@ -19,77 +18,9 @@ from torch import nn
 from edgecompress.errors import BadInput
 
 from . import ZOO, Normalized, create, libraries
+from .checkpoints import check_loadable, read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A state dict from a checkpoint file, and the `meta` dict beside it (the shipped zoo weights carry one).
-
-    Accepted: a bare state dict; a dict holding one under a key of STATE_KEYS (the training scripts' layouts,
-    `meta["checkpoint_key"]` says which was read); names with a DDP `module.` or torch.compile prefix."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive; older torch a pickle stream starting with the PROTO opcode 0x80.
-    if head[:2] != b"PK" and head[:1] != b"\x80":
-        raise BadInput(f"{path} is not a PyTorch checkpoint; save one with torch.save(model.state_dict(), path)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about old pickle protocols on stderr
-            # torchvision's and timm's training scripts store their argparse.Namespace beside the weights: a
-            # bag of attributes, safe to rebuild; everything else must still be tensors and plain containers.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # untrusted bytes: whatever the unpickler raises, the file is the problem
-        # Keep torch's specific line, not its generic advice to retry with weights_only=False.
-        text = str(exc)
-        lines = [line.strip() for line in text.splitlines() if line.strip()
-                 and not line.startswith(("Weights only load failed", "Check the documentation", "Please file"))]
-        if "weightsunpickler error" in text.lower() or "unsupported global" in text.lower():
-            detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
-            raise BadInput(f"{path} was refused: it holds more than tensors and plain containers "
-                           f"({detail[:160] or 'unsupported content'}), and loading it would need "
-                           "arbitrary unpickling; save a plain state dict with torch.save(model.state_dict(), path)") from None
-        reason = lines[0][:160] if lines else type(exc).__name__
-        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({reason}); "
-                       "save one with torch.save(model.state_dict(), path)") from None
-    meta = {}
-    if isinstance(obj, dict) and not _is_state_dict(obj):
-        meta = dict(obj["meta"]) if isinstance(obj.get("meta"), dict) else {}
-        key = next((k for k in STATE_KEYS if _is_state_dict(obj.get(k))), None)
-        if key is None:
-            raise BadInput(f"{path} is not a state dict (a mapping of names to tensors), nor holds one under "
-                           f"{' / '.join(STATE_KEYS)} (found keys {', '.join(map(str, list(obj)[:6])) or 'none'}); "
-                           "save one with torch.save(model.state_dict(), path)")
-        obj, meta["checkpoint_key"] = obj[key], key
-    if not _is_state_dict(obj):
-        raise BadInput(f"{path} is not a state dict (a mapping of names to tensors); "
-                       "save one with torch.save(model.state_dict(), path)")
-    return {k: v.float() if v.is_floating_point() else v for k, v in _strip_wrappers(obj).items()}, meta
-
-
-# Where training scripts keep the weights: edgecompress and timm (`state_dict`, `state_dict_ema`), torchvision's
-# reference scripts (`model`, `model_ema`). The plain weights win over the EMA ones when both are present.
-STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
-# Prefixes wrappers add to every name: DistributedDataParallel / EMA wrappers, and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Names as the bare model's state_dict() gives them: wrapper prefixes removed, and the averaging
-    counter torch.optim.swa_utils.AveragedModel keeps (torchvision's EMA) dropped."""
-    state = {k: v for k, v in state.items() if k != "n_averaged"}
-    for prefix in WRAPPER_PREFIXES:
-        while state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -273,8 +204,12 @@ def check_onnx(path: Path):
     if size == 0 or size > MAX_ONNX_BYTES:
         raise BadInput(f"{path}: an ONNX file of {size} bytes is not plausible (empty, or over 2 GiB)")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        check_loadable(path, size + _external_bytes(proto, path.parent), "ONNX model with its external data")
+        onnx.load_external_data_for_model(proto, str(path.parent))  # refuses locations outside the folder
         onnx.checker.check_model(proto)
+    except BadInput:
+        raise
     except Exception as exc:  # protobuf DecodeError, ValidationError, ...: the file is the problem
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"{path} is not a valid ONNX model ({first})") from None
@@ -285,6 +220,31 @@ def check_onnx(path: Path):
     if len(inputs) != 1 or len(proto.graph.output) < 1:
         raise BadInput(f"{path}: expected one image input and a logits output, found {len(inputs)} inputs")
     return proto
+
+
+def _external_bytes(proto, folder: Path) -> int:
+    """Bytes the initializers stored outside the file will take (each one's `length`, else its declared shape
+    times its element size); BadInput for an external file that is mostly holes (a sparse file posing as GBs
+    of weights)."""
+    import numpy as np
+    from onnx import helper
+
+    total, files = 0, set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != 1:  # TensorProto.EXTERNAL
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        files.add(entries.get("location", ""))
+        length = entries.get("length", "")
+        total += int(length) if length.isdigit() else int(
+            np.prod(tensor.dims)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    for name in filter(None, files):
+        file = folder / name
+        stat = file.stat() if file.is_file() else None  # a missing file: onnx's loader names it
+        if stat and stat.st_size > (1 << 20) and stat.st_blocks * 512 < stat.st_size // 2:
+            raise BadInput(f"{file}: the external data file is mostly holes ({stat.st_blocks * 512:,} of "
+                           f"{stat.st_size:,} bytes stored), not weights an exporter wrote")
+    return total
 
 
 def shipped_weights(name: str, data: str) -> Path | None:

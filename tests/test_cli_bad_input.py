@@ -355,6 +355,52 @@ def case_ckpt_empty_file(w, npz, teacher):
     return args, [path.name]
 
 
+def case_ckpt_meta_mean_is_a_string(w, npz, teacher):
+    def write(p):
+        torch.save({"state_dict": create("resnet_slim_050", 1, 10).state_dict(), "meta": {"mean": "0.5", "std": [1.0]}},
+                   p)
+    args, path = _weights(w, teacher, npz, "meta.pt", write)
+    return args, [path.name, "meta.mean must be a list of numbers"]
+
+
+def case_ckpt_tensors_on_the_meta_device(w, npz, teacher):
+    def write(p):
+        with torch.device("meta"):
+            torch.save(create("resnet_slim_050", 1, 10).state_dict(), p)
+    args, path = _weights(w, teacher, npz, "hollow.pt", write)
+    return args, [path.name, "has no data (it lives on the meta device)"]
+
+
+def case_ckpt_that_expands_to_hundreds_of_megabytes(w, npz, teacher):
+    """A 200 KB zip whose one deflated entry unpacks to 200 MB: never a torch.save file."""
+    import zipfile
+
+    def write(p):
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("archive/data.pkl", b"\0" * (200 << 20))
+    args, path = _weights(w, teacher, npz, "bomb.pt", write)
+    return args, [path.name, "torch.save writes uncompressed entries"]
+
+
+def case_onnx_teacher_with_sparse_external_data(w, npz, teacher):
+    """A tiny ONNX file whose weight lives in a 3 GB external file that is all holes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[10, 784], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(3 << 30))):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"],
+                                                                                        transB=1)],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [weight])
+    path = w.inputs / "teacher.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with open(w.inputs / "w.bin", "wb") as f:
+        f.truncate(3 << 30)
+    return ["--data", str(npz), "--teacher", str(path), *STUDENT], ["w.bin", "mostly holes"]
+
+
 def _truncated(p: Path) -> None:
     torch.save(create("resnet_slim_050", 1, 10).state_dict(), p)
     blob = p.read_bytes()
@@ -402,7 +448,8 @@ CASES = [
     case_bad_input_size, case_npz_with_an_object_array, case_npz_label_of_a_billion,
     case_npz_header_claiming_a_huge_shape, case_npz_with_a_bad_crc, case_decompression_bomb_png,
     case_first_image_too_large_without_a_size, case_factory_file_calling_sys_exit_on_import,
-    case_factory_raising_a_base_exception,
+    case_factory_raising_a_base_exception, case_ckpt_meta_mean_is_a_string, case_ckpt_tensors_on_the_meta_device,
+    case_ckpt_that_expands_to_hundreds_of_megabytes, case_onnx_teacher_with_sparse_external_data,
 ]
 
 
