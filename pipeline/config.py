@@ -317,7 +317,9 @@ def to_toml(data: dict) -> str:
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         if v is None:
             return '""'
-        return json.dumps(str(v))
+        # TOML basic string: UTF-8 as is (JSON's \\uD83D\\uDE00 surrogate pairs are not TOML), control characters
+        # escaped; DEL too, which JSON leaves alone and TOML refuses raw
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
     lines, tables = [], []
 
@@ -339,7 +341,7 @@ def to_toml(data: dict) -> str:
 
 def read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:

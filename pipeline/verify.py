@@ -244,6 +244,8 @@ def run(ctx: RunContext) -> Path:
         results[name] = metrics[name] | results[name]
     results["teacher"] |= {"params": count_params(teacher_model), "size_bytes": state_bytes(teacher_model),
                            "source": teacher_info["spec"]}
+    if teacher_info.get("checkpoint_key"):  # which weights of a training script's checkpoint were read
+        results["teacher"]["checkpoint_key"] = teacher_info["checkpoint_key"]
     results["student_fp32"] |= {"params": onnx_params(student_path), "size_bytes": student_path.stat().st_size,
                                 "path": str(student_path.relative_to(ctx.out)), "format": formats["student_fp32"]}
     results["artifact"] |= {"params": onnx_params(student_path), "size_bytes": artifact_path.stat().st_size,

@@ -401,6 +401,19 @@ def case_onnx_teacher_with_sparse_external_data(w, npz, teacher):
     return ["--data", str(npz), "--teacher", str(path), *STUDENT], ["w.bin", "mostly holes"]
 
 
+def case_class_folder_named_in_bytes_that_are_not_utf8(w, npz, teacher):
+    from PIL import Image
+
+    folder = w.inputs / "images"
+    x = np.load(npz)["x"]
+    for i, name in enumerate((b"coat", b"caf\xe9")):  # latin-1, not UTF-8
+        sub = Path(os.fsdecode(bytes(folder) + b"/" + name))
+        sub.mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(x[3 * i + j]).save(sub / f"{j}.png")
+    return ["--data", str(folder), "--teacher", teacher, *STUDENT], ["is not named in UTF-8", "rename the folder"]
+
+
 def _truncated(p: Path) -> None:
     torch.save(create("resnet_slim_050", 1, 10).state_dict(), p)
     blob = p.read_bytes()
@@ -450,6 +463,7 @@ CASES = [
     case_first_image_too_large_without_a_size, case_factory_file_calling_sys_exit_on_import,
     case_factory_raising_a_base_exception, case_ckpt_meta_mean_is_a_string, case_ckpt_tensors_on_the_meta_device,
     case_ckpt_that_expands_to_hundreds_of_megabytes, case_onnx_teacher_with_sparse_external_data,
+    case_class_folder_named_in_bytes_that_are_not_utf8,
 ]
 
 

@@ -186,6 +186,7 @@ def test_compress_a_torchvision_pair_on_photos_without_the_network(tmp_path, pho
     # the contract: the size asked, the rest from the teacher checkpoint train_teacher wrote (its recipe's
     # 256/224 resize ratio at 64 px: 73, ImageNet statistics)
     assert report["data"]["preprocess"]["resize"] == 73 and report["data"]["preprocess"]["mean"] == IMAGENET_MEAN
+    assert report["teacher"]["checkpoint_key"] == "state_dict"  # train_teacher's {"state_dict", "meta"}
     assert no_network == []
 
 

@@ -2,6 +2,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgecompress import config as cfg
 from edgecompress import files
@@ -131,3 +133,15 @@ def test_digest_follows_file_content_not_file_name(tmp_path):
     weights.write_bytes(b"other weights")
     assert digest({"teacher_weights": weights, "seed": 0}) != before
     assert digest({"teacher_weights": str(weights), "seed": 0}) == digest({"teacher_weights": str(weights), "seed": 0})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.text(st.characters(codec="utf-8"), min_size=1), st.text(st.characters(codec="utf-8")),
+                       max_size=5))
+def test_run_toml_holds_any_unicode_text(tmp_path_factory, table):
+    """Class names, paths and options of any Unicode (emoji, control characters, DEL, quotes) are written to
+    run.toml and read back unchanged."""
+    path = tmp_path_factory.mktemp("toml") / "run.toml"
+    data = {"splits": {"classes": list(table.values())}, "names": {f"k{i}": k for i, k in enumerate(table)}}
+    files.write_text(path, cfg.to_toml(data))
+    assert cfg.read_toml(path) == data

@@ -47,6 +47,11 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         found = sorted(f for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if found:
+            try:
+                sub.name.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+                raise BadInput(f"class folder {str(sub).encode('utf-8', 'backslashreplace').decode()} is not named in "
+                               "UTF-8: the name goes into run.toml and the reports; rename the folder") from None
             classes[sub.name] = found
     return classes
 
