@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from . import config as cfg
-from .errors import EdgeError, StageFailed
+from .errors import BadInput, EdgeError, StageFailed
 
 DEFAULTS = cfg.RunConfig()
 # compress's options and the RunConfig fields they set
@@ -171,18 +171,34 @@ def _summarise(report: dict, out: Path, quiet: bool) -> None:
     click.echo(f"report: {out / 'verify' / 'report.md'}")
 
 
+def check_trusted(config: cfg.RunConfig, run_dir: Path, trusted: tuple[Path, ...]) -> None:
+    """A run directory's run.toml is not the user's own command line: the code it names (factory files,
+    TorchScript teachers, view functions) runs only from inside a folder the user vouches for with --trust."""
+    roots = [t.resolve() for t in trusted]
+    untrusted = [f for f in config.code_files() if not any(f == r or r in f.parents for r in roots)]
+    if untrusted:
+        names = ", ".join(str(f) for f in untrusted)
+        raise BadInput(f"{run_dir}/run.toml names code this command would run: {names}; run it only if you trust "
+                       f"that code: add --trust {untrusted[0].parent}")
+
+
 def _stage_command(name: str, summary: str):
     @cli.command(name, help=f"{summary} in an existing run directory (made by `compress`).")
     @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
     @click.option("--force", is_flag=True, help="Rerun even when up to date.")
+    @click.option("--trust", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                  help="A folder whose Python and TorchScript files run.toml may name (factory files, TorchScript "
+                       "teachers): without it, a run directory that names code is refused. Repeatable.")
     @common
-    def command(run_dir, force, quiet, debug):
+    def command(run_dir, force, trust, quiet, debug):
         from .compress import run_one
         from .runner import RunContext, locked, open_run, rank
 
         quiet = quiet or rank() != 0  # under torchrun, rank 0 speaks for the job
 
-        ctx = RunContext(run_dir, open_run(run_dir), quiet=quiet, force=force)
+        config = open_run(run_dir)
+        check_trusted(config, run_dir, trust)
+        ctx = RunContext(run_dir, config, quiet=quiet, force=force)
         with locked(run_dir):
             artifact = run_one(ctx, name)
         if not quiet:
@@ -249,7 +265,6 @@ def docker_command(target, run_dir, quiet, debug):
     from edgecompress import targets as profiles
 
     from . import containers
-    from .errors import BadInput
 
     profile = profiles.load(target)
     if any(ord(c) < 32 or ord(c) == 127 for c in str(run_dir)):

@@ -125,6 +125,23 @@ class RunConfig:
         self.target = absolute(self.target) if self.target.endswith(".toml") else self.target
         return self
 
+    def code_files(self) -> list[Path]:
+        """The files whose code a run executes: factory files (`file.py:name`, the teachers', the student's and a
+        cross-modal view's) and TorchScript teachers (TorchScript is code too)."""
+        from edgecompress.models.loaders import is_factory_spec, is_torchscript
+
+        specs = [self.teacher.spec, *self.teacher.extra, self.distill.student]
+        view = self.distill.method_opts.get("view")
+        if isinstance(view, str):
+            specs.append(view)
+        found = []
+        for spec in specs:
+            if is_factory_spec(spec):
+                found.append(Path(spec.rpartition(":")[0]).resolve())
+            elif spec and Path(spec).is_file() and is_torchscript(Path(spec)):
+                found.append(Path(spec).resolve())
+        return list(dict.fromkeys(found))
+
     def validate(self) -> "RunConfig":
         d, v = self.distill, self.verify
         positive = {"--epochs": d.epochs, "distill.batch": d.batch, "quantize.calibration_size":

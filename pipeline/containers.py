@@ -73,7 +73,13 @@ def run_commands(target, run_dir: Path) -> list[list[str]]:
     for path in mounts(run_dir):
         base += ["-v", f"{path}:{path}" + ("" if path == run_dir else ":ro")]
     base.append(image_tag(target))
-    return [base + ["export", str(run_dir), "--force"], base + ["verify", str(run_dir), "--force"]]
+    # the user asks for these commands on their own run: the code its run.toml names is vouched for, by folder
+    trust = []
+    if (run_dir / "run.toml").is_file():
+        config = cfg.from_dict(cfg.read_toml(run_dir / "run.toml"), str(run_dir / "run.toml"))
+        for folder in dict.fromkeys(f.parent for f in config.code_files()):
+            trust += ["--trust", str(folder)]
+    return [base + ["export", str(run_dir), "--force", *trust], base + ["verify", str(run_dir), "--force", *trust]]
 
 
 def engine_answers() -> str:

@@ -90,14 +90,15 @@ def test_the_fp32_models_size_and_latency_where_the_artifact_was_is_a_regression
 
 
 def test_a_real_fp32_model_in_the_artifacts_place_is_caught_and_a_real_unchanged_rerun_passes(small_run, tmp_path,
-                                                                                              capsys):
+                                                                                              capsys, teacher_spec):
     """Rerun `edgecompress verify` twice on copies of the small run: once unchanged, once with student.fp32.onnx
     copied over the int8 artifact. Latency noise on a shared test machine is not this test's business (tests
     assert no timings; the false-alarm rate is measured separately), so the unchanged rerun is judged with a
     latency threshold no noise reaches; accuracy, format and size must pass exactly."""
     baseline_report = small_run / "verify" / "report.json"
     unchanged = shutil.copytree(small_run, tmp_path / "unchanged")
-    assert main(["verify", str(unchanged), "--force", "--quiet"]) == 0
+    trust = ["--trust", str(Path(teacher_spec.rpartition(":")[0]).parent)]  # the run's factory teacher
+    assert main(["verify", str(unchanged), "--force", "--quiet", *trust]) == 0
     code, out, _ = run_check(capsys, unchanged / "verify" / "report.json", baseline_report,
                              "--max-latency-increase", "100000")
     assert code == 0, out
@@ -108,7 +109,7 @@ def test_a_real_fp32_model_in_the_artifacts_place_is_caught_and_a_real_unchanged
     shutil.copy(swapped / "quantize" / "student.fp32.onnx", export / "model.onnx")
     done = json.loads((export / "done.json").read_text())
     (export / "done.json").write_text(json.dumps(done | {"sha256": files.sha256(export / "model.onnx")}))
-    assert main(["verify", str(swapped), "--quiet"]) == 0  # the artifact's hash changed: verify reruns
+    assert main(["verify", str(swapped), "--quiet", *trust]) == 0  # the artifact's hash changed: verify reruns
     report = json.loads((swapped / "verify" / "report.json").read_text())
     assert report["artifact"]["format"] == "onnx-fp32" and report["artifact"]["runtime"] == "onnxruntime-fp32"
     code, out, _ = run_check(capsys, swapped / "verify" / "report.json", baseline_report)

@@ -607,3 +607,39 @@ def test_an_out_that_cannot_be_created_is_one_line(out, where, capsys, small_npz
     code = main(["compress", "--data", str(small_npz), "--teacher", teacher_spec, *STUDENT, "--out", str(path)])
     assert code == 2
     assert_one_error_line(capsys.readouterr().err, "cannot create the run directory", "give another --out")
+
+
+@pytest.mark.parametrize("kind", ["factory", "torchscript"])
+def test_a_run_directory_naming_code_is_refused_until_the_user_trusts_its_folder(kind, where, capsys, small_npz):
+    """Someone else's run directory whose run.toml names code (a factory file planted inside it, or a
+    TorchScript teacher, which is code too): a one-stage command refuses it with one line naming the file, and
+    nothing of it runs; with --trust FOLDER it goes ahead (and here runs the planted code)."""
+    run = where.out
+    (run / "distill").mkdir(parents=True)
+    marker = where.tmp / "it-ran"
+    if kind == "factory":
+        code = run / "distill" / "notes.py"
+        code.write_text(f"open({str(marker)!r}, 'w').close()\n\n\ndef build():\n    raise SystemExit(3)\n")
+        teacher = f"{code}:build"
+    else:
+        code = run / "distill" / "teacher.pt"
+        torch.jit.save(torch.jit.script(create("resnet_slim_050", 1, 10).eval()), str(code))
+        teacher = str(code)
+    (run / "run.toml").write_text(f'data = "{small_npz}"\n[teacher]\nspec = "{teacher}"\n')
+    assert main(["verify", str(run), "--quiet"]) == 2
+    line = assert_one_error_line(capsys.readouterr().err, "run.toml names code this command would run",
+                                 str(code), f"--trust {code.parent}")
+    assert line and not marker.exists()
+    if kind == "factory":
+        assert main(["distill", str(run), "--quiet", "--trust", str(code.parent)]) == 2
+        assert marker.exists()  # trusted: imported, and its factory's SystemExit(3) is one line
+
+
+def test_docker_commands_vouch_for_the_code_of_the_users_own_run(where, small_npz, teacher_spec, capsys):
+    run = where.out
+    run.mkdir()
+    (run / "run.toml").write_text(f'data = "{small_npz}"\ntarget = "x86-cpu"\n[teacher]\nspec = "{teacher_spec}"\n')
+    assert main(["docker", "x86-cpu", "--run-dir", str(run)]) == 0
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("docker run")]
+    folder = str(Path(teacher_spec.rpartition(":")[0]).resolve().parent)
+    assert len(runs) == 2 and all(f"--trust {folder}" in line for line in runs)

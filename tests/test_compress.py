@@ -27,7 +27,8 @@ def small_run(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
     return small_run_dir(tmp_path_factory, fashion_raw, teacher_spec)
 
 
-def test_a_stage_command_rewrites_run_toml_with_every_setting_and_the_versions_that_ran(small_run, tmp_path):
+def test_a_stage_command_rewrites_run_toml_with_every_setting_and_the_versions_that_ran(small_run, tmp_path,
+                                                                                       teacher_spec):
     """A run directory from an older edgecompress lacks the keys added since (here quantize.bias_correction)
     and names older versions: a one-stage command writes run.toml again, same settings, every key named."""
     run = shutil.copytree(small_run, tmp_path / "run")
@@ -38,7 +39,7 @@ def test_a_stage_command_rewrites_run_toml_with_every_setting_and_the_versions_t
     (run / "run.toml").write_text(older.replace(f'torch = "{before["versions"]["torch"]}"', 'torch = "0.0"'))
     assert "bias_correction" not in cfg.read_toml(run / "run.toml")["quantize"]
 
-    assert main(["export", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--quiet", "--trust", str(Path(teacher_spec.rpartition(":")[0]).parent)]) == 0
 
     after = cfg.read_toml(run / "run.toml")
     assert after["quantize"]["bias_correction"] is True and after["versions"]["torch"] == before["versions"]["torch"]
@@ -105,5 +106,5 @@ def test_factory_teacher_with_state_dict_on_an_image_folder(fashion, tmp_path):
     assert report["teacher"]["accuracy"] > 0.85  # weights loaded and PNG pixels read as trained
 
     # one stage against the finished run directory, from a different working directory
-    assert main(["verify", str(tmp_path / "run"), "--force", "--quiet"]) == 0
+    assert main(["verify", str(tmp_path / "run"), "--force", "--quiet", "--trust", str(Path(factory).parent)]) == 0
     assert main(["quantize", str(tmp_path / "no-such-run")]) == 2

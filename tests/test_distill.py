@@ -156,11 +156,13 @@ def test_two_process_gloo_ddp_matches_a_single_process_run(small, tmp_path):
     student = f"{tmp_path / 'student.py'}:build"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, ddp = make_run(tmp_path / "single", small, student), make_run(tmp_path / "ddp", small, student)
-    one = subprocess.run([sys.executable, "-m", "edgecompress", "distill", str(single), "--quiet"], env=env,
+    one = subprocess.run([sys.executable, "-m", "edgecompress", "distill", str(single), "--quiet", "--trust",
+                          str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "edgecompress", "distill", str(ddp)], env=env, capture_output=True, text=True,
+                          "-m", "edgecompress", "distill", str(ddp), "--trust", str(tmp_path)], env=env,
+                         capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     h1 = json.loads((single / "distill" / "history.json").read_text())
