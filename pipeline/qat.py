@@ -89,12 +89,25 @@ class FakeQuantLayer(nn.Module):
         return self.layer._conv_forward(x, wq, self.layer.bias)
 
 
+def _plain_batchnorms(model: nn.Module) -> nn.Module:
+    """`model` with timm's BatchNormAct2d (a BatchNorm2d subclass running its activation inside) split into
+    BatchNorm2d, dropout and activation: torch.fx's fuse folds only an exact BatchNorm2d into its conv, and the
+    ONNX export folds every one, so QAT must simulate the same folded convs."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.BatchNorm2d) and type(module) is not nn.BatchNorm2d and hasattr(module, "act"):
+            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+            plain.load_state_dict(module.state_dict(), strict=False)
+            model.set_submodule(name, nn.Sequential(plain, getattr(module, "drop", nn.Identity()), module.act))
+    return model.eval()
+
+
 def prepare(model: nn.Module, signed_activations: bool) -> nn.Module:
     """A copy of `model` with BatchNorm folded into its convs and every Conv2d / Linear fake-quantized."""
     from torch.fx.experimental.optimization import fuse
 
     try:
-        folded = fuse(copy.deepcopy(model).eval())
+        folded = fuse(_plain_batchnorms(copy.deepcopy(model).eval()))
     except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
         raise Unsupported(f"torch.fx cannot trace the student to fold BatchNorm: {str(exc).splitlines()[0][:160]}")
     names = [n for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -663,11 +663,11 @@ def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, metho
     began = time.perf_counter()
     try:
         prepared = qat.prepare(model, signed_activations=scheme.activation_symmetric)
+        qat_start(prepared, spec, opset, calibration, scheme, method, work / "qat-start")
     except qat.Unsupported as exc:
         search.qat_note = f"skipped: {exc}"
         search.log(f"[quantize] QAT {search.qat_note}")
         return
-    qat_start(prepared, spec, opset, calibration, scheme, method, work / "qat-start")
     steps = conf.qat_epochs * qat.steps_per_epoch(conf.qat_images, len(inputs.y_train))
     with progress(None, "QAT", length=steps) as bar:
         qat.finetune(prepared, inputs.x_train, inputs.y_train, inputs.teacher_logits(), epochs=conf.qat_epochs,
@@ -730,8 +730,11 @@ def qat_layer_inputs(quantizer: Quantizer, prepared: torch.nn.Module) -> dict[st
     """{QAT layer: the ONNX tensor its fake-quantized input is}."""
     from . import qat
 
-    return quantizer.layer_inputs({name: layer.layer.weight.detach().numpy()
-                                   for name, layer in qat.layers(prepared).items()})
+    try:
+        return quantizer.layer_inputs({name: layer.layer.weight.detach().numpy()
+                                       for name, layer in qat.layers(prepared).items()})
+    except StageFailed as exc:  # a layer QAT simulates is not one the exported graph has (BN left unfolded)
+        raise qat.Unsupported(f"its layers do not map onto the exported graph ({exc})") from None
 
 
 STAGE = Stage("quantize", run, inputs)

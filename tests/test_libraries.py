@@ -224,3 +224,23 @@ def test_without_the_extra_the_zoo_lists_and_says_what_is_missing():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "resnet_fast_100" in done.stdout and "not installed" in done.stdout
+
+
+def test_qat_folds_timm_batchnorm_with_its_activation_like_the_onnx_export():
+    """timm's BatchNormAct2d (BatchNorm2d subclass with the activation inside) is folded into its conv for QAT,
+    as the ONNX export folds it: otherwise QAT's layers are not the exported graph's and QAT cannot start."""
+    from edgecompress import qat
+
+    torch.manual_seed(0)
+    model, _ = build_model("timm:efficientnet_lite0", "", 3, 10, IMAGENET_MEAN, IMAGENET_STD, "student")
+    for m in model.modules():  # statistics other than the defaults, so an unfolded or lost BN would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in model.modules())
+    prepared = qat.prepare(model.eval(), signed_activations=False)
+    folded = qat.float_copy(prepared).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-3, atol=1e-3)
