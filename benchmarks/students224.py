@@ -46,7 +46,7 @@ from edgecompress.progress import NoBar  # noqa: E402
 from edgecompress.runners import OrtRunner, TorchRunner  # noqa: E402
 from edgecompress.verify import time_runs  # noqa: E402
 
-SECTIONS = ("zoo", "distill")
+SECTIONS = ("zoo", "distill")  # and "macs": recount the zoo rows' MACs from their ONNX files in --work
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -104,10 +104,11 @@ def distill(photos: Path, work: Path, size: int, student: str, teacher_epochs: i
     work.mkdir(parents=True, exist_ok=True)
     listing = write_list(photos, work / "photos.csv", 2000)
     teacher_ckpt = work / "teacher.pt"
-    began = time.perf_counter()
-    if not teacher_ckpt.is_file():
+    began = 0.0
+    if not teacher_ckpt.is_file():  # else reused from an earlier run of this script
+        began = time.perf_counter()
         train_teacher.train("torchvision:resnet18", str(listing), teacher_epochs, 0, 128, 0.1, [size], teacher_ckpt)
-    teacher_s = round(time.perf_counter() - began, 1)
+    teacher_s = round(time.perf_counter() - began, 1) if began else None
     config = work / "run.toml"
     config.write_text(f'[distill]\nprecision = "{student_precision}"\n')
     command = ["edgecompress", "compress", "--teacher", "torchvision:resnet18", "--teacher-weights", str(teacher_ckpt),
@@ -176,9 +177,10 @@ def table(result: dict) -> str:
     if "distill" in result:
         d = result["distill"]
         t = d["top1"]
+        trained = f"{d['teacher_train_s']:.0f} s" if d["teacher_train_s"] else "trained by an earlier run"
         lines += [f"## Distillation at {d['size']} px: {d['teacher']} -> {d['student']}", "",
-                  f"{d['train_images']:,} training photos, {d['teacher_epochs']} teacher epochs "
-                  f"({d['teacher_train_s']:.0f} s), {d['epochs']} distillation epochs ({d['student_precision']}), "
+                  f"{d['train_images']:,} training photos, {d['teacher_epochs']} teacher epochs ({trained}), "
+                  f"{d['epochs']} distillation epochs ({d['student_precision']}), "
                   f"compress {d['compress_s']:.0f} s (exit {d['compress_exit']}).", "",
                   "| model | top-1 | bs1 p50 ms |", "|---|---|---|",
                   f"| teacher, eager PyTorch fp32 | {100 * t['teacher']:.2f}% | {d['p50_ms']['teacher_eager']:.3f} |",
@@ -216,6 +218,9 @@ def main() -> int:
                                     args.epochs, args.student_precision)
     if "zoo" in sections:
         result["zoo"] = zoo(args.work)
+    if "macs" in sections:  # MACs counted by a later kernels.macs_per_image, without timing everything again
+        for row in result["zoo"]:
+            row["mmacs"] = round(macs_per_image(args.work / f"{row['name'].replace(':', '-')}.fp32.onnx") / 1e6, 1)
     save_results(args.out, "students224", result, table(result))
     return 0
 

@@ -47,22 +47,33 @@ def kernel_report(path: Path, threads: int = 1, providers: tuple[str, ...] = ("C
 
 def macs_per_image(path: Path) -> int:
     """Multiply-accumulates of one image through the Conv and Gemm/MatMul nodes of an fp32 ONNX graph (a
-    MatMul of two activations, as in attention, is not counted)."""
+    MatMul of two activations, as in attention, is not counted). The layers' output shapes are read from one
+    ONNX Runtime run on a blank image: shape inference loses them behind a reshape that reads a tensor's shape
+    (ShuffleNet's channel shuffle)."""
     import numpy as np
     import onnx
+    import onnxruntime as ort
 
     model = onnx.load(str(path))
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    dims[0].dim_value = 1
-    model = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    layers = [n for n in model.graph.node if n.op_type == "Conv"
+              or n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in weights]
+    listed = {o.name for o in model.graph.output}
+    for node in layers:
+        if node.output[0] not in listed:
+            model.graph.output.add().name = node.output[0]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level, opts.log_severity_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0]
+    blank = np.zeros([1, *[d if isinstance(d, int) else 1 for d in feed.shape[1:]]], dtype=np.float32)
+    names = [o.name for o in session.get_outputs()]
+    shapes = dict(zip(names, (a.shape for a in session.run(names, {feed.name: blank}))))
     total = 0
-    for node in model.graph.node:
+    for node in layers:
         if node.op_type == "Conv":
             _, cin_per_group, *kernel = weights[node.input[1]]
             total += int(np.prod(shapes[node.output[0]][1:])) * cin_per_group * int(np.prod(kernel))
-        elif node.op_type in ("Gemm", "MatMul") and node.input[1] in weights:
+        else:
             total += int(np.prod(weights[node.input[1]]))
     return total
