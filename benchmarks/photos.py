@@ -41,7 +41,7 @@ from perf import provenance, save_results  # noqa: E402
 
 from edgecompress import data as datasets  # noqa: E402
 from edgecompress.data import folder as folders  # noqa: E402
-from edgecompress.runner import NoBar  # noqa: E402
+from edgecompress.progress import NoBar  # noqa: E402
 
 SECTIONS = ("write", "index", "loader", "distill", "augment", "compress")
 CLASSES = [c.replace("/", "-").replace(" ", "-") for c in datasets.FASHION_MNIST_CLASSES]

@@ -40,7 +40,7 @@ from edgecompress import data, files, quantize, schemes, sensitivity, targets
 from edgecompress.distillers import kd_loss
 from edgecompress.models import ZOO, Normalized, create
 from edgecompress.models.loaders import WEIGHTS_DIR, load_teacher
-from edgecompress.runner import NoBar
+from edgecompress.progress import NoBar
 from edgecompress.runners import TorchRunner, predict
 
 RESULTS = Path(__file__).parent / "results"

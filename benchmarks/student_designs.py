@@ -37,7 +37,7 @@ from edgecompress import data as datasets  # noqa: E402
 from edgecompress import quantize, schemes, targets  # noqa: E402
 from edgecompress.models import Normalized, count_params, create  # noqa: E402
 from edgecompress.models.resnet import ResNet  # noqa: E402
-from edgecompress.runner import NoBar  # noqa: E402
+from edgecompress.progress import NoBar  # noqa: E402
 from edgecompress.runners import OrtRunner  # noqa: E402
 
 # name: (stem width, stage widths, stage strides)

@@ -37,13 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance, save_results  # noqa: E402
 
-from edgecompress import data as datasets  # noqa: E402
 from edgecompress import quantize, schemes, targets  # noqa: E402
 from edgecompress.kernels import kernel_report, macs_per_image  # noqa: E402
 from edgecompress.models import count_params, libraries  # noqa: E402
 from edgecompress.models.loaders import build_model  # noqa: E402
 from edgecompress.progress import NoBar  # noqa: E402
 from edgecompress.runners import OrtRunner, TorchRunner  # noqa: E402
+from edgecompress.select import fashion_photos  # noqa: E402
 from edgecompress.verify import time_runs  # noqa: E402
 
 SECTIONS = ("zoo", "distill")  # and "macs": recount the zoo rows' MACs from their ONNX files in --work
@@ -57,10 +57,7 @@ def p50(make_runner, images: torch.Tensor, batch: int, runs: int, seconds: float
 
 
 def zoo(work: Path) -> list[dict]:
-    fashion = datasets.load("fashion-mnist", 0)
-    geometry = datasets.Geometry((224, 224), 0, "bilinear", "rgb")
-    calibration = datasets.convert(fashion.x_train[datasets.stratified_sample(fashion.y_train, 64, 0)], geometry)
-    images = datasets.convert(fashion.x_eval[:32], geometry)
+    calibration, images = fashion_photos((224, 224), 64, 32, 0)
     scheme = schemes.for_target(targets.load("x86-cpu"))
     classes = [str(i) for i in range(1000)]
     spec = {"input_shape": [3, 224, 224], "mean": MEAN, "std": STD, "classes": classes}

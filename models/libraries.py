@@ -18,6 +18,7 @@ import os
 
 from torch import nn
 
+from edgecompress.data.preprocess import parse_size
 from edgecompress.errors import BadInput
 
 LIBRARIES = ("torchvision", "timm")
@@ -131,7 +132,7 @@ def preprocess(spec: str) -> dict:
     fields = {"mean": [float(v) for v in recipe.mean], "std": [float(v) for v in recipe.std]}
     crop, resize = getattr(recipe, "crop_size", None), getattr(recipe, "resize_size", None)
     if crop:  # ImageClassification: resize the shorter side, then center crop
-        fields |= {"size": list(crop) * (2 if len(crop) == 1 else 1), "resize": int(resize[0]) if resize else 0,
+        fields |= {"size": list(parse_size(list(crop))), "resize": int(resize[0]) if resize else 0,
                    "interpolation": recipe.interpolation.value}
     return fields
 

@@ -47,23 +47,22 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct / len(y)
 
 
-def contract(model_name: str, input_size: list[int]) -> tuple[datasets.Geometry, list[float], list[float]]:
-    """The preprocessing to train with: the size asked (else the data's), and for a torchvision/timm
-    architecture its library's resize ratio, interpolation, mean and std (else bilinear, measured stats)."""
+def contract(model_name: str, size: tuple[int, int] | None) -> tuple[datasets.Geometry, list[float], list[float]]:
+    """The preprocessing to train with: `size` (None: the data's), and for a torchvision/timm architecture
+    its library's resize ratio, interpolation, mean and std (else bilinear, measured stats)."""
     recipe = libraries.preprocess(model_name) if libraries.is_library_spec(model_name) else {}
-    size = tuple(input_size) * (2 if len(input_size) == 1 else 1) if input_size else None
     resize = 0
     if size and recipe.get("resize") and recipe.get("size"):
-        resize = round(recipe["resize"] / max(recipe["size"]) * max(size))
+        resize = datasets.scaled_resize(recipe["resize"], recipe["size"], size)
     geometry = datasets.Geometry(size, resize, recipe.get("interpolation", "bilinear"), None)
     return geometry, recipe.get("mean", []), recipe.get("std", [])
 
 
 def train(model_name: str, data_spec: str, epochs: int, seed: int, batch: int, lr: float,
-          input_size: list[int] | None = None, out: Path | None = None) -> Path:
+          input_size=None, out: Path | None = None) -> Path:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    geometry, mean, std = contract(model_name, input_size or [])
+    geometry, mean, std = contract(model_name, datasets.parse_size(input_size))
     ds = datasets.load(data_spec, seed, geometry=geometry)
     if len(mean) != ds.input_shape[0]:  # no recipe, or an RGB recipe for grey images
         mean, std = datasets.channel_stats(ds.x_train)
@@ -123,7 +122,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--input-size", type=lambda v: [int(p) for p in v.lower().split("x")], default=None,
+    parser.add_argument("--input-size", type=datasets.parse_size, default=None,
                         help="train at this size (224 or HxW); default: the data's")
     parser.add_argument("--out", type=Path, default=None, help="where to save; default models/weights/")
     args = parser.parse_args()

@@ -311,12 +311,12 @@ def models(input_size, target, num_classes, quiet):
         click.echo("any torchvision:NAME or timm:NAME classification model is accepted as teacher or student")
         return 0
     from . import select
-    from .runner import RunContext
+    from .progress import bar
 
-    size = tuple(input_size) * (2 if len(input_size) == 1 else 1)
+    size = tuple(input_size)  # _size gives (height, width)
     profile = target_profiles.load(target)
-    progress = RunContext.progress_for(quiet)
-    rows = select.zoo_at(size, profile, num_classes, DEFAULTS.seed, progress)
+    rows = select.zoo_at(size, profile, num_classes, DEFAULTS.seed,
+                         lambda items, label, length=None: bar(items, label, length, quiet))
     click.echo(f"{size[0]}x{size[1]} RGB, {num_classes} classes, {profile.name} artifact at batch 1, "
                f"{profile.threads} thread(s), on this host")
     click.echo(f"{'model':32s} {'params':>10s} {'MMACs':>8s} {'p50 ms':>8s}  int8 layers  float between int8")

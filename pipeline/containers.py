@@ -49,12 +49,17 @@ def _host_path(spec: str) -> Path | None:
     return path if spec and path.is_absolute() and path.exists() else None
 
 
-def mounts(run_dir: Path) -> list[Path]:
+def _run_config(run_dir: Path) -> cfg.RunConfig | None:
+    path = run_dir / "run.toml"
+    return cfg.from_dict(cfg.read_toml(path), str(path)) if path.is_file() else None
+
+
+def mounts(run_dir: Path, config: cfg.RunConfig | None = None) -> list[Path]:
     """Host paths the container needs: the run directory and what its run.toml names."""
     paths = [run_dir]
-    if not (run_dir / "run.toml").is_file():
+    config = config or _run_config(run_dir)
+    if config is None:
         return paths
-    config = cfg.from_dict(cfg.read_toml(run_dir / "run.toml"), str(run_dir / "run.toml"))
     for spec in (config.data, config.teacher.spec, config.teacher.weights, config.distill.student, config.target):
         path = _host_path(spec)
         if path and path not in paths:
@@ -70,15 +75,14 @@ def run_commands(target, run_dir: Path) -> list[list[str]]:
     if target.runtime == "tensorrt":
         # Jetson's container runtime exposes the integrated GPU and DLA; a dGPU host uses the toolkit's --gpus
         base += ["--runtime", "nvidia"] if target.docker.platform == "linux/arm64" else ["--gpus", "all"]
-    for path in mounts(run_dir):
+    config = _run_config(run_dir)
+    for path in mounts(run_dir, config):
         base += ["-v", f"{path}:{path}" + ("" if path == run_dir else ":ro")]
     base.append(image_tag(target))
     # the user asks for these commands on their own run: the code its run.toml names is vouched for, by folder
     trust = []
-    if (run_dir / "run.toml").is_file():
-        config = cfg.from_dict(cfg.read_toml(run_dir / "run.toml"), str(run_dir / "run.toml"))
-        for folder in dict.fromkeys(f.parent for f in config.code_files()):
-            trust += ["--trust", str(folder)]
+    for folder in dict.fromkeys(f.parent for f in (config.code_files() if config else [])):
+        trust += ["--trust", str(folder)]
     return [base + ["export", str(run_dir), "--force", *trust], base + ["verify", str(run_dir), "--force", *trust]]
 
 

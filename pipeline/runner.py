@@ -10,7 +10,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from . import config as cfg
 from . import data as datasets
 from . import files
 from .errors import BadInput
-from .progress import NoBar
+from .progress import bar
 
 
 @dataclass
@@ -60,8 +59,8 @@ class RunContext:
         carried, source = self.teacher_contract
         if name == "resize" and carried.get("resize") and carried.get("size") and self.config.preprocess.size:
             # The teacher's resize goes with its own size (256 for a 224 crop): keep the ratio at the size asked.
-            ratio = carried["resize"] / max(carried["size"])
-            return round(ratio * max(self.config.preprocess.size)), f"{source}, scaled to the size asked"
+            return (datasets.scaled_resize(carried["resize"], carried["size"], self.config.preprocess.size),
+                    f"{source}, scaled to the size asked")
         return (carried[name], source) if name in carried else (empty, "")
 
     @cached_property
@@ -164,16 +163,7 @@ class RunContext:
 
     def progress(self, items: Iterable | None, label: str, length: int | None = None):
         """A progress bar on stderr, or the bare iterable when quiet or not on a terminal."""
-        return RunContext.progress_for(self.quiet)(items, label, length)
-
-    @staticmethod
-    def progress_for(quiet: bool):
-        def progress(items: Iterable | None, label: str, length: int | None = None):
-            if quiet or not sys.stderr.isatty():
-                return NoBar(items)
-            return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True,
-                                     show_eta=True)
-        return progress
+        return bar(items, label, length, self.quiet)
 
 
 @dataclass(frozen=True)

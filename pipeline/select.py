@@ -1,5 +1,5 @@
-"""`--student auto`: measure the zoo's students (and torchvision's and timm's photo students) on this host, as int8 artifacts under the target's settings, and
-pick the one to distil for a latency budget.
+"""`--student auto`: measure the zoo's students (and torchvision's and timm's photo students) on this host, as
+int8 artifacts under the target's settings, and pick the one to distil for a latency budget.
 
 Latency is measured, not estimated: each candidate (untrained: latency does not depend on the weights) is
 exported, quantized with the target's scheme on a few real images and timed like verify times the artifact.
@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from edgecompress.models import ZOO, count_params, libraries
@@ -44,14 +43,18 @@ def latency_budget(ctx: RunContext) -> float:
     return budget
 
 
+def student_names(side: int) -> list[str]:
+    """The zoo's students, and torchvision's and timm's photo students (the vision extra) for images of at least
+    PHOTO_MIN_SIDE px a side."""
+    photos = side >= libraries.PHOTO_MIN_SIDE and libraries.available()
+    return list(ZOO) + (list(libraries.PHOTO_STUDENTS) if photos else [])
+
+
 def candidates(teacher_params: int, input_shape: tuple[int, int, int]) -> list[str]:
     """Students smaller than the teacher, smallest first: the zoo's, and torchvision's and timm's photo students
     (the vision extra) when the images are at least PHOTO_MIN_SIDE px a side."""
-    names = list(ZOO)
-    if min(input_shape[1:]) >= libraries.PHOTO_MIN_SIDE and libraries.available():
-        names += libraries.PHOTO_STUDENTS
     sizes = {name: count_params(build_model(name, "", input_shape[0], 10, [0.0], [1.0], "student")[0])
-             for name in names}
+             for name in student_names(min(input_shape[1:]))}
     return sorted((n for n, p in sizes.items() if p < teacher_params), key=lambda n: (sizes[n], n))
 
 
@@ -63,7 +66,8 @@ def measure_student(model: torch.nn.Module, name: str, input_shape: tuple[int, i
     MACs and which layers ONNX Runtime runs in int8."""
     spec = {"input_shape": list(input_shape), "mean": mean, "std": std, "classes": list(classes)}
     scheme = schemes.for_target(target)
-    fp32, artifact = workdir / f"{name}.fp32.onnx", workdir / f"{name}.{scheme.precision}.onnx"
+    stem = name.replace(":", "-")  # torchvision:NAME
+    fp32, artifact = workdir / f"{stem}.fp32.onnx", workdir / f"{stem}.{scheme.precision}.onnx"
     quantize.export_onnx(model.eval(), spec, target.opset, fp32)
     if scheme.precision == "int8":
         quantize.quantize_qdq(fp32, artifact, calibration, "minmax", scheme)
@@ -151,20 +155,21 @@ def zoo_at(size: tuple[int, int], target, num_classes: int, seed: int, progress)
     calibrated and timed on real Fashion-MNIST images brought to that size."""
     if not target.runtime.startswith("onnxruntime"):
         raise BadInput(f"the zoo is timed with ONNX Runtime on this host; target {target.name} runs {target.runtime}")
-    fashion = datasets.load("fashion-mnist", seed)
-    geometry = datasets.Geometry(tuple(size), 0, "bilinear", "rgb")
-    calibration = datasets.convert(fashion.x_train[datasets.stratified_sample(fashion.y_train, CALIBRATION_IMAGES,
-                                                                               seed)], geometry)
-    images = datasets.convert(fashion.x_eval[:64], geometry)
-    shape = (3, *size)
-    photos = min(size) >= libraries.PHOTO_MIN_SIDE and libraries.available()
-    names = list(ZOO) + (list(libraries.PHOTO_STUDENTS) if photos else [])
+    calibration, images = fashion_photos(size, CALIBRATION_IMAGES, 64, seed)
     classes, mean, std = [str(i) for i in range(num_classes)], [0.5] * 3, [0.25] * 3
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgecompress-zoo-") as tmp:
-        for name in names:
+        for name in student_names(min(size)):
             model, _ = build_model(name, "", 3, num_classes, mean, std, "student")
-            rows.append(measure_student(model, name.replace(":", "-"), shape, classes, mean, std, calibration,
-                                        images, target, target.batch[0], Path(tmp), 10, progress, kernels=True)
-                        | {"name": name})
+            rows.append(measure_student(model, name, (3, *size), classes, mean, std, calibration, images, target,
+                                        target.batch[0], Path(tmp), 10, progress, kernels=True))
     return rows
+
+
+def fashion_photos(size: tuple[int, int], calibration: int, timing: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Real images for measuring models at `size` when the user's data is not at hand: `calibration` training
+    and `timing` test images of the embedded Fashion-MNIST, as uint8 RGB brought to `size`."""
+    fashion = datasets.load("fashion-mnist", seed)
+    geometry = datasets.Geometry(tuple(size), 0, "bilinear", "rgb")
+    picked = datasets.stratified_sample(fashion.y_train, calibration, seed)
+    return datasets.convert(fashion.x_train[picked], geometry), datasets.convert(fashion.x_eval[:timing], geometry)

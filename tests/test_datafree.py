@@ -16,7 +16,8 @@ from edgecompress.cli import main
 from edgecompress.config import RunConfig
 from edgecompress.errors import BadInput
 from edgecompress.models.loaders import load_teacher, load_factory
-from edgecompress.runner import NoBar, RunContext, run_stage
+from edgecompress.progress import NoBar
+from edgecompress.runner import RunContext, run_stage
 
 from conftest import write_factory
 

@@ -13,13 +13,14 @@ from ..progress import NoBar
 from . import folder
 from .folder import IMAGE_SUFFIXES, default_workers
 from .packed import PackedImages, take
-from .preprocess import CHANNELS, Geometry, Preprocess, crop_box, output_size
+from .preprocess import CHANNELS, Geometry, Preprocess, crop_box, output_size, parse_size, scaled_resize
 from .sources import (EVAL_FRACTION, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, Dataset, _check, _load_idx_dir,
                       _load_npz, channel_stats, inference_batch, split, stratified_sample, to_float)
 
 __all__ = ["Dataset", "Geometry", "IMAGE_SUFFIXES", "PackedImages", "Preprocess", "EVAL_FRACTION",
            "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "channel_stats", "inference_batch", "load", "split",
-           "stratified_sample", "take", "to_float", "default_workers", "convert"]
+           "stratified_sample", "take", "to_float", "default_workers", "convert", "parse_size",
+           "scaled_resize"]
 
 IN_MEMORY_BYTES = 1 << 30  # an in-memory source converted to more than this is refused: write an image folder
 

@@ -95,6 +95,12 @@ def output_size(width: int, height: int, geometry: Geometry) -> tuple[int, int]:
     return (geometry.resize, new_long) if width <= height else (new_long, geometry.resize)
 
 
+def scaled_resize(resize: int, recipe_size, size) -> int:
+    """A recipe's resize kept in proportion at another size: 256 for a 224 crop is 73 at 64 px (timm's crop_pct
+    arithmetic; the resize goes with the crop it was chosen for)."""
+    return round(resize / max(recipe_size) * max(size))
+
+
 def crop_box(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the center crop to `size` = (height, width): torchvision's CenterCrop."""
     ch, cw = size
