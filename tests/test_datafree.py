@@ -168,6 +168,7 @@ def test_data_free_distill_stage_never_reads_a_training_image_or_label(tmp_path,
     assert history["training_images_read"] == 0 and len(history["epochs"]) == 2 and len(history["synthesis"]) == 2
     assert sorted(p.name for p in (ctx.out / "distill" / "synthetic").iterdir()) == ["batch_0000.pt", "batch_0001.pt"]
     assert (ctx.out / "distill" / "synthetic.png").is_file()
+    assert all(p.device.type == "cpu" and p.is_contiguous() for p in ctx.teacher[0].parameters()), "handed back"
     # the rerun is skipped by fingerprint, which does not hash the training data either
     rerun = context(tmp_path, "datafree", eval_only, monkeypatch)
     assert run_stage(rerun, distill.STAGE) == artifact

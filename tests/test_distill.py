@@ -178,6 +178,24 @@ def test_two_process_gloo_ddp_matches_a_single_process_run(small, tmp_path):
     assert json.loads((ddp / "distill" / "done.json").read_text())["artifact"] == "distill/student.pt"
 
 
+@pytest.mark.parametrize("method", ["hinton", "fitnet"])  # cached teacher logits; the teacher run online
+def test_distill_hands_the_shared_teacher_back_on_the_cpu_in_the_standard_layout(small, tmp_path, method):
+    """compress shares one loaded teacher between its stages, and quantize and verify run it on the CPU: a
+    teacher left on the GPU (or in channels_last) after distill failed compress at quantize on a CUDA machine."""
+    from edgecompress import distill
+    from edgecompress.runner import RunContext, run_stage
+
+    config = cfg.RunConfig(data=str(small))
+    config.teacher.weights = str(SHIPPED_TEACHER)
+    config.distill.student, config.distill.method = "resnet_slim_050", method
+    config.distill.epochs, config.distill.batch, config.distill.precision = 1, 250, "fp32"
+    ctx = RunContext(tmp_path / "run", config.validate(), quiet=True)
+    teacher = ctx.teacher[0]
+    run_stage(ctx, distill.STAGE)
+    assert ctx.teacher[0] is teacher
+    assert all(p.device.type == "cpu" and p.is_contiguous() for p in teacher.parameters())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (AMP and pinned-memory path)")
 def test_distill_on_cuda_uses_amp(small, tmp_path):
@@ -188,6 +206,16 @@ def test_distill_on_cuda_uses_amp(small, tmp_path):
     history = json.loads((run / "distill" / "history.json").read_text())
     assert history["device"].startswith("cuda") and history["autocast"] == "torch.bfloat16"
     assert all(np.isfinite(e["ce"]) for e in history["epochs"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (trains there, ONNX Runtime on the CPU)")
+def test_compress_trains_on_cuda_and_quantizes_and_verifies_on_the_cpu(small, tmp_path):
+    run = tmp_path / "run"
+    assert main(["compress", "--data", str(small), "--teacher-weights", str(SHIPPED_TEACHER), "--epochs", "1",
+                 "--target", str(lenient_target(tmp_path / "t.toml")), "--out", str(run), "--quiet"]) == 0
+    assert json.loads((run / "distill" / "history.json").read_text())["device"].startswith("cuda")
+    assert json.loads((run / "verify" / "report.json").read_text())["artifact"]["accuracy"] > 0.2  # ten classes
 
 
 def test_batchnorm_adaptation_sets_the_population_statistics_of_the_final_weights(fashion_small):

@@ -301,12 +301,10 @@ def inputs(ctx: RunContext) -> dict:
 
 
 def run(ctx: RunContext) -> Path:
-    """The distill stage for data-free methods: synthesise (cached batch by batch), then distil the student."""
-    dconf, seed = ctx.config.distill, ctx.config.seed
-    opts = method_options(dconf)
+    """The distill stage for data-free methods: the teacher checked, then lent to `distil`."""
+    opts = method_options(ctx.config.distill)
     conf = DataFreeConfig(**{f.name: opts[f.name] for f in fields(DataFreeConfig)}).check()
-    out_dir = ctx.stage_dir("distill")
-    device, autocast = device_and_precision(dconf.precision)
+    device, autocast = device_and_precision(ctx.config.distill.precision)
     if ctx.config.teacher.extra:
         raise BadInput(f"method {METHOD} uses one teacher but {1 + len(ctx.config.teacher.extra)} were given: "
                        "give one --teacher")
@@ -314,7 +312,15 @@ def run(ctx: RunContext) -> Path:
     if info.get("kind") in ("onnx", "torchscript"):
         raise BadInput(f"data-free distillation matches the teacher's BatchNorm statistics, which a {info['kind']} "
                        "teacher cannot show: give a zoo name or file.py:factory teacher with --teacher-weights")
-    teacher = teacher.to(device).to(memory_format=torch.channels_last).eval()
+    with trainer.lent([teacher]):
+        return distil(ctx, teacher.to(device).to(memory_format=torch.channels_last).eval(), conf, opts, device,
+                      autocast)
+
+
+def distil(ctx: RunContext, teacher: nn.Module, conf: DataFreeConfig, opts: dict, device: torch.device,
+           autocast: torch.dtype | None) -> Path:
+    """Synthesise the images (cached batch by batch), then distil the student on them."""
+    dconf, seed, out_dir = ctx.config.distill, ctx.config.seed, ctx.stage_dir("distill")
     ds = ctx.data  # its classes and image shape only: the training split is never read here
     shape, num_classes = tuple(ds.input_shape), ds.num_classes
     synthesis = {f.name: opts[f.name] for f in fields(DataFreeConfig) if f.name not in ("shift", "mixup")}

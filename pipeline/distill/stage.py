@@ -229,16 +229,21 @@ class TeacherAnswers:
 
 
 def run(ctx: RunContext) -> Path:
-    conf, ds, seed = ctx.config.distill, ctx.data, ctx.config.seed
-    cls = distillers.METHODS[conf.method]
+    cls = distillers.METHODS[ctx.config.distill.method]
     if cls.supplies_inputs:  # data-free: synthesises its own inputs and never reads the training split
         return datafree.run(ctx)
+    teachers = load_teachers(ctx) if cls.uses_teacher else []
+    with trainer.lent([m for m, _ in teachers]):
+        return train(ctx, cls, teachers)
+
+
+def train(ctx: RunContext, cls: type, teachers: list[tuple[nn.Module, dict]]) -> Path:
+    conf, ds, seed = ctx.config.distill, ctx.data, ctx.config.seed
     dist = Distributed.from_env()
     device, autocast = device_and_precision(conf.precision, dist.local_rank)
     dist.start(device)
     out_dir = ctx.stage_dir("distill")
     opts = method_options(conf)
-    teachers = load_teachers(ctx) if cls.uses_teacher else []
     if len(teachers) > 1 and not cls.many_teachers:
         raise BadInput(f"method {conf.method} uses one teacher but {len(teachers)} were given: "
                        "use --method multi-teacher, or give one --teacher")

@@ -8,6 +8,7 @@ hand to it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -64,6 +65,18 @@ def device_and_precision(setting: str, local_rank: int = 0) -> tuple[torch.devic
     if setting == "bf16" or device.type == "cuda" or cfg.cpu_has_bf16():
         return device, torch.bfloat16
     return device, None
+
+
+@contextlib.contextmanager
+def lent(models: list[nn.Module]) -> Iterator[None]:
+    """The run context's teachers are shared by every stage of a `compress`: the distill stage moves them to its
+    device in channels_last, and hands them back on the CPU in the standard layout when it ends, since quantize
+    and verify run them there (a teacher left on the GPU failed `compress` at quantize with mixed devices)."""
+    try:
+        yield
+    finally:
+        for model in models:
+            model.to("cpu", memory_format=torch.contiguous_format)
 
 
 def build_student(ctx) -> nn.Module:
