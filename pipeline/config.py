@@ -85,6 +85,9 @@ class VerifyConfig:
     warmup_runs: int = 20
     eval_batch: int = 500
     latency_sessions: int = 6  # fresh sessions per model and batch size; their spread is part of the p50 interval
+    # per model and batch size, warm-up included: once each session has 2 timed calls, timing stops at this many
+    # seconds (the teacher at 224 px, batch 64, one thread: seconds per call)
+    latency_max_seconds: float = 20.0
 
 
 @dataclass
@@ -147,7 +150,8 @@ class RunConfig:
         positive = {"--epochs": d.epochs, "distill.batch": d.batch, "quantize.calibration_size":
                     self.quantize.calibration_size, "distill.lr": d.lr, "distill.temperature": d.temperature,
                     "verify.latency_runs_bs1": v.latency_runs_bs1, "verify.latency_runs_batch": v.latency_runs_batch,
-                    "verify.eval_batch": v.eval_batch, "verify.latency_sessions": v.latency_sessions}
+                    "verify.eval_batch": v.eval_batch, "verify.latency_sessions": v.latency_sessions,
+                    "verify.latency_max_seconds": v.latency_max_seconds}
         for name, value in positive.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")

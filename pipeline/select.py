@@ -31,6 +31,7 @@ from .verify import time_runs
 
 CALIBRATION_IMAGES = 64  # enough to set scales; the candidates' accuracy is not what is measured
 TIMING_SESSIONS, TIMING_RUNS, TIMING_SECONDS = 3, 300, 0.6
+TIMING_MAX_SECONDS = 6.0  # per candidate: 300 calls of a 224-px resnet18 on one thread took 15 s here
 RULE = ("the candidate with the most parameters whose int8 p50 fits the budget (accuracy after distillation "
         "grows with a student's size in these families); the faster one on a tie")
 
@@ -79,7 +80,7 @@ def measure_student(model: torch.nn.Module, name: str, input_shape: tuple[int, i
     make_runner = functools.partial(OrtRunner, artifact, target.threads, runtime, target.execution_providers,
                                     target.onnxruntime)
     sessions = time_runs(make_runner, images, batch, warmup, TIMING_RUNS, TIMING_SECONDS,
-                         lambda length: progress(None, f"timing {name}", length), TIMING_SESSIONS)
+                         lambda length: progress(None, f"timing {name}", length), TIMING_SESSIONS, TIMING_MAX_SECONDS)
     times = np.concatenate(sessions)
     row = {"name": name, "params": count_params(model), "p50_ms": round(float(np.median(times)), 4),
            "session_p50_ms": [round(float(np.median(s)), 4) for s in sessions]}

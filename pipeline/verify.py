@@ -6,6 +6,7 @@ report.json holds the summaries, latency.json every timed run, and report.md / r
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from .runners import OrtRunner, TorchRunner, predict
 TOP_K = 5  # top-5 accuracy is reported when there are more than TOP_K classes
 MIN_TIMED_SECONDS = 1.0  # per model and batch size, unless the run config's [verify] sets latency_min_seconds
 MAX_TIMED_RUNS = 20_000  # bounds latency.json when one call takes microseconds
+MIN_TIMED_PER_SESSION = 2  # timed calls a session makes whatever the time budget (verify.latency_max_seconds)
 WARMUP_WINDOW = 5  # calls per warm-up window
 WARMUP_TOLERANCE = 0.05  # a window whose median is within 5% of the previous one's counts as settled
 WARMUP_MAX_SECONDS = 0.25  # per session: a model that never settles is timed anyway, the intervals show it
@@ -34,7 +36,8 @@ WARMUP_MAX_SECONDS = 0.25  # per session: a model that never settles is timed an
 def warm_up(runner: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray], min_calls: int) -> int:
     """Untimed calls until the time per call settles: windows of WARMUP_WINDOW calls until a window's median is
     within WARMUP_TOLERANCE of the previous window's (and at least `min_calls` calls), or WARMUP_MAX_SECONDS
-    passed. Returns the number of calls made. Lazy allocation, kernel selection and caches all settle here."""
+    passed (checked after every call: one call of a 224-px teacher at batch 64 can take seconds). Returns the
+    number of calls made. Lazy allocation, kernel selection and caches all settle here."""
     calls, previous, started = 0, None, time.perf_counter()
     while True:
         window = []
@@ -43,18 +46,23 @@ def warm_up(runner: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray]
             runner(inputs[calls % len(inputs)])
             window.append(time.perf_counter() - began)
             calls += 1
+            if time.perf_counter() - started > WARMUP_MAX_SECONDS:
+                return calls
         current = float(np.median(window))
-        settled = previous is not None and abs(current - previous) <= WARMUP_TOLERANCE * previous
-        if (settled and calls >= min_calls) or time.perf_counter() - started > WARMUP_MAX_SECONDS:
+        if previous is not None and abs(current - previous) <= WARMUP_TOLERANCE * previous and calls >= min_calls:
             return calls
         previous = current
 
 
 def time_runs(make_runner: Callable[[], Callable[[np.ndarray], np.ndarray]], images: torch.Tensor, batch: int,
-              warmup: int, runs: int, min_seconds: float, progress, sessions: int = 1) -> list[np.ndarray]:
+              warmup: int, runs: int, min_seconds: float, progress, sessions: int = 1,
+              max_seconds: float = math.inf) -> list[np.ndarray]:
     """Milliseconds of each timed call, one array per session: `sessions` fresh runners from `make_runner`, one
     after another, each warmed up until stable and then timed for its share of at least `runs` calls and at least
-    `min_seconds` (at most MAX_TIMED_RUNS in all), so that the median spans many scheduler periods.
+    `min_seconds` (at most MAX_TIMED_RUNS in all), so that the median spans many scheduler periods. A session
+    stops early, after MIN_TIMED_PER_SESSION calls, once it has spent its share of `max_seconds` (warm-up
+    included): at 224 px a teacher's batch of 64 on one thread takes seconds per call, and 30 of them in 6
+    sessions with their warm-ups made verify the longest stage of a run.
 
     Why several sessions: on a shared machine a fresh process or session settles into a speed mode of its own
     (measured here: the same int8 model's batch-1 median was 0.175 or 0.24 ms depending on the session, while
@@ -63,16 +71,19 @@ def time_runs(make_runner: Callable[[], Callable[[np.ndarray], np.ndarray]], ima
     count = max(1, min(8, len(images) // batch))
     inputs = [datasets.to_float(images[i * batch:(i + 1) * batch]).numpy() for i in range(count)]
     inputs = [x for x in inputs if len(x) == batch] or [np.repeat(inputs[0][:1], batch, axis=0)]
-    runs_each, seconds_each = -(-runs // sessions), min_seconds / sessions
+    runs_each, seconds_each, budget_each = -(-runs // sessions), min_seconds / sessions, max_seconds / sessions
     most_each = max(1, MAX_TIMED_RUNS // sessions)
     series: list[np.ndarray] = []
     with progress(runs_each * sessions) as bar:
         for _ in range(sessions):
+            session_began = time.perf_counter()
             runner = make_runner()
             warm_up(runner, inputs, -(-warmup // sessions))
             times: list[float] = []
             started = time.perf_counter()
             while len(times) < runs_each or (len(times) < most_each and time.perf_counter() - started < seconds_each):
+                if len(times) >= MIN_TIMED_PER_SESSION and time.perf_counter() - session_began >= budget_each:
+                    break
                 x = inputs[len(times) % len(inputs)]
                 began = time.perf_counter()
                 runner(x)
@@ -233,7 +244,7 @@ def run(ctx: RunContext) -> Path:
             runs = conf.latency_runs_bs1 if batch == 1 else conf.latency_runs_batch
             bar = lambda length, b=batch: ctx.progress(None, f"{name} latency bs{b}", length)  # noqa: E731
             sessions = time_runs(make_timed, ds.x_eval, batch, conf.warmup_runs, runs, min_seconds, bar,
-                                 conf.latency_sessions)
+                                 conf.latency_sessions, conf.latency_max_seconds)
             latency[f"bs{batch}"] = latency_summary(sessions, batch, resamples, seed)
             timings[name][f"bs{batch}"] = [round(float(t), 4) for s in sessions for t in s]
             session_runs[name][f"bs{batch}"] = [len(s) for s in sessions]
@@ -292,7 +303,7 @@ def run(ctx: RunContext) -> Path:
         "statistics": {
             "level": stats.LEVEL, "resamples": resamples, "seed": seed,
             "latency_min_seconds": min_seconds, "latency_max_runs": MAX_TIMED_RUNS,
-            "latency_sessions": conf.latency_sessions,
+            "latency_sessions": conf.latency_sessions, "latency_max_seconds": conf.latency_max_seconds,
             "accuracy": "paired percentile bootstrap over eval images (Efron 1979)",
             "latency_p50": "moving-block percentile bootstrap over consecutive timed runs (Kuensch 1989), "
                            "block length round(runs^(1/3)), per session; the interval spans all sessions' "

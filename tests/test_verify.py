@@ -165,9 +165,33 @@ def test_warm_up_goes_on_until_the_time_per_call_settles(fashion_raw, monkeypatc
     assert verify.warm_up(runner_taking(lambda call: max(10, 40 - 5 * call)), inputs, min_calls=1) == 15
     # a runner that settles at once still gets its minimum number of calls
     assert verify.warm_up(runner_taking(lambda call: 1.0), inputs, min_calls=23) == 25
-    # one that never settles (every window 10% faster than the last) stops after WARMUP_MAX_SECONDS
+    # one that never settles (every window 10% faster than the last) stops after WARMUP_MAX_SECONDS, at the
+    # call that passes it: 100, 100, 100 ms
     calls = verify.warm_up(runner_taking(lambda call: 100 * 0.9 ** (call // WARMUP_WINDOW)), inputs, min_calls=1)
-    assert clock[0] > verify.WARMUP_MAX_SECONDS and calls % WARMUP_WINDOW == 0
+    assert clock[0] > verify.WARMUP_MAX_SECONDS and calls == 3
+    # a call of seconds (a 224-px teacher at batch 64 on one thread) is made once, not a window's worth of times
+    assert verify.warm_up(runner_taking(lambda call: 1500.0), inputs, min_calls=4) == 1
+
+
+def test_a_slow_model_is_timed_within_the_time_budget_with_two_calls_per_session(fashion_raw, tmp_path,
+                                                                                 monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(verify, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def make_runner():
+        def runner(x: np.ndarray) -> np.ndarray:
+            clock[0] += 1.5
+            return x
+        return runner
+
+    images = torch.from_numpy(fashion_raw["x_test"][:64, None].copy())
+    capped = time_runs(make_runner, images, 8, warmup=20, runs=30, min_seconds=1.0, progress=quiet_progress(tmp_path),
+                       sessions=6, max_seconds=10.0)
+    assert [len(s) for s in capped] == [2] * 6 and clock[0] == pytest.approx(6 * 3 * 1.5)
+    clock[0] = 0.0  # without the budget: 5 timed calls in each session
+    full = time_runs(make_runner, images, 8, warmup=20, runs=30, min_seconds=1.0, progress=quiet_progress(tmp_path),
+                     sessions=6)
+    assert [len(s) for s in full] == [5] * 6
 
 
 def test_the_median_interval_spans_the_spread_between_sessions():
