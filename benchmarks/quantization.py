@@ -17,6 +17,10 @@ With --default-run DIR --seeds 0,1,2: the default run's student also under sever
 against the stage's defaults (and the stage without bias correction), each seed drawing its own calibration and
 probe images (calibration_seeds).
 
+Our tries are judged and chosen on 2,000 selection images drawn from the training split apart from the
+calibration, probe and QAT images, as the stage does; every top-1 in the tables is on the test images, which
+choose nothing.
+
 Writes benchmarks/results/quantization.json and .md. Latencies: batch 1, one intra-op thread, median of a quick
 timing on this (shared) host; compare within one table, not across hosts.
 """
@@ -32,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,19 +80,36 @@ def ort_defaults(fp32: Path, out: Path, calibration: torch.Tensor) -> None:
     quantize_static(str(fp32), str(out), quantize.CalibrationReader(calibration))
 
 
+@dataclasses.dataclass
+class Selection:
+    """Training images apart from calibration, probe and QAT images that the stage's tries are judged on (as the
+    stage does), with the teacher's top-1 on them; the test images only report."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher_top1: float
+
+
+def eval_correct(path: Path, fm: data.Dataset) -> np.ndarray:
+    """Per test image: whether the model's top-1 is right (what the benchmark reports)."""
+    return sensitivity.Judge.logits(path, fm.x_eval).argmax(1) == fm.y_eval.numpy()
+
+
 def compare(name: str, model: torch.nn.Module, fm: data.Dataset, calibration: torch.Tensor, probe: torch.Tensor,
-            teacher_top1: float, qat_inputs: quantize.QatInputs, conf: cfg.QuantizeConfig, work: Path) -> dict:
+            selection: Selection, teacher_top1: float, qat_inputs: quantize.QatInputs, conf: cfg.QuantizeConfig,
+            work: Path) -> dict:
     spec = {"input_shape": [1, 28, 28], "mean": model.mean_values, "std": model.std_values, "classes": fm.classes}
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
     fp32 = work / f"{slug}.fp32.onnx"
     quantize.export_onnx(model, spec, 17, fp32)
-    judge = sensitivity.Judge(fp32, fm.x_eval, fm.y_eval, probe, 1, ("CPUExecutionProvider",))
-    budget = quantize.Budget(judge.correct(fp32), teacher_top1, conf.max_drop_vs_fp32, 2.0)
+    judge = sensitivity.Judge(fp32, selection.x, selection.y, probe, 1, ("CPUExecutionProvider",))
+    budget = quantize.Budget(judge.correct(fp32), selection.teacher_top1, conf.max_drop_vs_fp32, 2.0)
+    fp32_top1 = float(eval_correct(fp32, fm).mean())
     default_path = work / f"{slug}.ort-default.onnx"
     began = time.perf_counter()
     ort_defaults(fp32, default_path, calibration)
     default_seconds = time.perf_counter() - began
-    default_top1 = judge.top1(default_path)
+    default_top1 = float(eval_correct(default_path, fm).mean())
     (work / slug).mkdir()
     began = time.perf_counter()
     search = quantize.search_int8(model, spec, fp32, schemes.for_target(targets.load("x86-cpu")), conf, calibration,
@@ -96,13 +118,14 @@ def compare(name: str, model: torch.nn.Module, fm: data.Dataset, calibration: to
     final = search.chosen()
 
     def row(top1: float, path: Path, seconds: float) -> dict:
-        return {"top1": round(top1, 4), "drop_vs_fp32_pt": round((budget.fp32_top1 - top1) * 100, 2),
+        return {"top1": round(top1, 4), "drop_vs_fp32_pt": round((fp32_top1 - top1) * 100, 2),
                 "drop_vs_teacher_pt": round((teacher_top1 - top1) * 100, 2),
                 "latency_bs1_ms": round(judge.latency(path), 4), "size_bytes": path.stat().st_size,
                 "seconds": round(seconds, 1)}
 
-    result = {"student": name, "fp32": row(budget.fp32_top1, fp32, 0.0), "ort_defaults": row(default_top1,
-              default_path, default_seconds), "ours": row(final["eval_top1"], final["path"], ours_seconds)}
+    result = {"student": name, "fp32": row(fp32_top1, fp32, 0.0), "ort_defaults": row(default_top1,
+              default_path, default_seconds), "ours": row(float(eval_correct(final["path"], fm).mean()),
+                                                          final["path"], ours_seconds)}
     result["ours"] |= {"chosen": final["kind"], "calibration": final["calibration"],
                        "float_nodes": final["excluded_nodes"], "budget_met": not final["missed"]}
     result["tries"] = [{k: v for k, v in t.items() if k != "path"} for t in search.tries]
@@ -110,29 +133,32 @@ def compare(name: str, model: torch.nn.Module, fm: data.Dataset, calibration: to
     return result
 
 
-def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], teacher_top1: float,
+def top1_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(TorchRunner(model, 1), x, 500).argmax(1) == y.numpy()).mean())
+
+
+def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], teacher: torch.nn.Module,
                       work: Path) -> list[dict]:
     """The default student quantized by the stage's defaults (QuantizeConfig(): MinMax, bias correction) and by
     ORT's defaults, with the calibration images (512, stratified) and the probe images (1000 others) drawn by each
-    seed as the stage draws them; also ours without bias correction. Per seed: top-1, the images only one of ours
-    and ORT's gets right (a paired comparison), and the logits' SQNR vs fp32 on the probe images."""
+    seed as the stage draws them (with its selection images, which choose among our tries); also ours without bias
+    correction. Per seed, on the test images: top-1, the images only one of ours and ORT's gets right (a paired
+    comparison), and the logits' SQNR vs fp32 on the probe images."""
     spec = {"input_shape": [1, 28, 28], "mean": model.mean_values, "std": model.std_values, "classes": fm.classes}
     fp32 = work / "seeds.fp32.onnx"
     quantize.export_onnx(model, spec, 17, fp32)
     scheme, conf = schemes.for_target(targets.load("x86-cpu")), cfg.QuantizeConfig()
     rows = []
     for seed in seeds:
-        calib_idx = data.stratified_sample(fm.y_train, conf.calibration_size, seed)
-        rest = torch.ones(len(fm.y_train), dtype=torch.bool)
-        rest[calib_idx] = False
-        pool = rest.nonzero().flatten()
-        probe = fm.x_train[pool[data.stratified_sample(fm.y_train[pool], conf.probe_size, seed)]]
-        judge = sensitivity.Judge(fp32, fm.x_eval, fm.y_eval, probe, 1, ("CPUExecutionProvider",))
-        fp32_correct = judge.correct(fp32)
-        budget = quantize.Budget(fp32_correct, teacher_top1, conf.max_drop_vs_fp32, 2.0)
+        calib_idx, select_idx, probe_idx, _ = quantize.split_training_images(fm.y_train, conf, seed)
+        judge = sensitivity.Judge(fp32, fm.x_train[select_idx], fm.y_train[select_idx], fm.x_train[probe_idx], 1,
+                                  ("CPUExecutionProvider",))
+        budget = quantize.Budget(judge.correct(fp32), top1_of(teacher, fm.x_train[select_idx], fm.y_train[select_idx]),
+                                 conf.max_drop_vs_fp32, 2.0)
+        fp32_correct = eval_correct(fp32, fm)
         default_path = work / f"seed{seed}.ort-default.onnx"
         ort_defaults(fp32, default_path, fm.x_train[calib_idx])
-        correct = {"ort_defaults": judge.correct(default_path)}
+        correct = {"ort_defaults": eval_correct(default_path, fm)}
         sqnr = {"ort_defaults": judge.probe_sqnr(default_path)}
         for key, bias_correction in (("ours", True), ("ours_without_bias_correction", False)):
             folder = work / f"seed{seed}-{key}"
@@ -141,7 +167,7 @@ def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], tea
                                           bias_correction), fm.x_train[calib_idx], judge, budget, 17, None, folder,
                                           lambda *a: None, lambda *a, **k: NoBar(None))
             final = search.chosen()
-            correct[key], sqnr[key] = judge.correct(final["path"]), final["probe_sqnr_db"]
+            correct[key], sqnr[key] = eval_correct(final["path"], fm), final["probe_sqnr_db"]
             if key == "ours":
                 chosen = f"{final['kind']} ({final['calibration']}, {len(final['excluded_nodes'])} float nodes)"
         row = {"seed": seed, "calibration_indices": [int(i) for i in calib_idx[:3]] + ["..."], "chosen": chosen}
@@ -210,11 +236,14 @@ def markdown(r: dict) -> str:
         lines += seeds_markdown(r["calibration_seeds"], r["eval_images"])
     lines += ["## Every try of the constructed cases", ""]
     for s in r["cases"]:
-        lines += [f"### {s['student']}", "", "| try | kind | calibration | float nodes | top-1 | drop vs fp32 (pt) | "
-                  "latency (ms) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {s['student']}", "", "Each try judged on the selection images (training images apart from "
+                  "calibration, probe and QAT images), as the stage judges them; the test images only report.", "",
+                  "| try | kind | calibration | float nodes | selection top-1 | drop vs fp32 (pt) "
+                  "| latency (ms) |", "|---|---|---|---|---|---|---|"]
         for t in s["tries"]:
             nodes = ", ".join(n.rsplit("/", 2)[-2] if "/" in n else n for n in t["excluded_nodes"]) or "-"
-            lines.append(f"| {t['try']} | {t['kind']} | {t['calibration']} | {nodes} | {t['eval_top1'] * 100:.2f}% | "
+            lines.append(f"| {t['try']} | {t['kind']} | {t['calibration']} | {nodes} | "
+                         f"{t['selection_top1'] * 100:.2f}% | "
                          f"{t['drop_vs_fp32_pt']:+.2f} | {t['latency_bs1_ms']:.3f} |")
         ptq = min(t["drop_vs_fp32_pt"] for t in s["tries"] if t["kind"] == "ptq")
         qat = [t["drop_vs_fp32_pt"] for t in s["tries"] if t["kind"] == "qat"]
@@ -304,11 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     probe_idx = pool[data.stratified_sample(fm.y_train[pool], 1000, 0)]
     rest[probe_idx] = False
     pool = rest.nonzero().flatten()
+    select_idx = pool[data.stratified_sample(fm.y_train[pool], cfg.QuantizeConfig().selection_size, 0)]
+    rest[select_idx] = False
+    pool = rest.nonzero().flatten()
     train_idx = pool[data.stratified_sample(fm.y_train[pool], args.train_images, 1)]
     x_train, y_train = fm.x_train[train_idx], fm.y_train[train_idx]
     print(f"teacher logits on {len(train_idx)} training and {len(fm.y_eval)} test images", flush=True)
     teacher_train = torch.from_numpy(predict(TorchRunner(teacher, 1), x_train, 500))
-    teacher_top1 = float((predict(TorchRunner(teacher, 1), fm.x_eval, 500).argmax(1) == fm.y_eval.numpy()).mean())
+    teacher_top1 = top1_of(teacher, fm.x_eval, fm.y_eval)
+    selection = Selection(fm.x_train[select_idx], fm.y_train[select_idx],
+                          top1_of(teacher, fm.x_train[select_idx], fm.y_train[select_idx]))
     calibration, probe = fm.x_train[calib_idx], fm.x_train[probe_idx]
     conf = cfg.QuantizeConfig(calibration_method="auto", qat_images=len(train_idx))
     qat_inputs = quantize.QatInputs(x_train, y_train, lambda: teacher_train, 4.0, 0.9, 0)
@@ -323,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             trained[name] = train_student(name, fm, x_train, y_train, teacher_train, args.steps, 0)
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-            results["students"].append(compare(name, trained[name], fm, calibration, probe, teacher_top1, qat_inputs,
-                                               conf, work))
+            results["students"].append(compare(name, trained[name], fm, calibration, probe, selection, teacher_top1,
+                                               qat_inputs, conf, work))
             print(json.dumps({k: results["students"][-1][k] for k in ("fp32", "ort_defaults", "ours")}), flush=True)
         if args.default_run:
             saved = torch.load(args.default_run / "distill" / "student.pt", map_location="cpu", weights_only=True)
@@ -338,21 +372,21 @@ def main(argv: list[str] | None = None) -> int:
             if not args.cases_only:
                 results["students"].append(compare(f"{spec['student']} ({len(history['epochs'])}-epoch distill, "
                                                    "edgecompress defaults)", trained["default"], fm, calibration,
-                                                   probe, teacher_top1, qat_inputs, conf, work))
+                                                   probe, selection, teacher_top1, qat_inputs, conf, work))
         base = trained.get("default") or trained.get(DEFAULT_STUDENT) or next(iter(trained.values()))
         if isinstance(base.net, type(create(DEFAULT_STUDENT, 1, fm.num_classes))):
             label = "default student" if "default" in trained else DEFAULT_STUDENT
             hard = compare(f"{label} + 100x outlier channel (stage 0)", planted(base, (0,)), fm,
-                           calibration, probe, teacher_top1, qat_inputs, conf, work)
+                           calibration, probe, selection, teacher_top1, qat_inputs, conf, work)
             qat_conf = cfg.QuantizeConfig(**{**conf.__dict__, "max_float_nodes": 1})
             qat_case = compare(f"{label} + 100x outliers (stages 0-2), max 1 float node", planted(base, (0, 1, 2)),
-                               fm, calibration, probe, teacher_top1, qat_inputs, qat_conf, work)
+                               fm, calibration, probe, selection, teacher_top1, qat_inputs, qat_conf, work)
             results["cases"] += [hard, qat_case]
         if not args.cases_only:
             results["activation_latency"] = activation_latency(base, fm, calibration, work)
         if args.seeds and "default" in trained and not args.cases_only:
             results["calibration_seeds"] = calibration_seeds(trained["default"], fm, [int(s) for s in
-                                                             args.seeds.split(",")], teacher_top1, work)
+                                                             args.seeds.split(",")], teacher, work)
     command = "benchmarks/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.cases_only:
         cases = {"cases": results["cases"], "cases_run": {

@@ -68,10 +68,12 @@ class QuantizeConfig:
     calibration_method: str = "minmax"  # minmax | entropy | percentile | auto (each tried, best probe SQNR kept)
     calibration_size: int = 512         # training images, stratified over classes
     bias_correction: bool = True        # cancel the mean output shift int8 weights cause (Nagel et al. 2019)
-    max_drop_vs_fp32: float = 0.3       # eval top-1 points the int8 model may lose against the fp32 student
+    max_drop_vs_fp32: float = 0.3       # selection top-1 points the int8 model may lose against the fp32 student
     fallback: bool = True               # keep the most sensitive nodes in float until the budget holds
     max_float_nodes: int = 4            # at most this many weighted nodes kept in float
     probe_size: int = 1000              # training images (not calibration) that rank node sensitivity
+    # training images (not calibration or probe) the tries are judged and chosen on; the eval split only reports
+    selection_size: int = 2000
     qat_epochs: int = 1                 # quantization-aware fine-tuning when the fallback misses; 0: never
     qat_images: int = 10000             # training images per QAT epoch
     qat_lr: float = 1e-4                # Adam: the outlier-channel case diverged under SGD at 2e-3 and 2e-4
@@ -192,7 +194,8 @@ class RunConfig:
                             q.max_float_nodes, "quantize.qat_epochs": q.qat_epochs}.items():
             if value < 0:
                 raise BadInput(f"{name} must be >= 0, got {value}")
-        for name, value in {"quantize.probe_size": q.probe_size, "quantize.qat_images": q.qat_images,
+        for name, value in {"quantize.probe_size": q.probe_size, "quantize.selection_size": q.selection_size,
+                            "quantize.qat_images": q.qat_images,
                             "quantize.qat_lr": q.qat_lr, "quantize.qat_scale_lr": q.qat_scale_lr}.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")

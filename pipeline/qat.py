@@ -166,16 +166,17 @@ def steps_per_epoch(images: int, available: int, batch: int = 128) -> int:
 
 def finetune(prepared: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, teacher_logits: torch.Tensor,
              epochs: int, images: int, lr: float, scale_lr: float, temperature: float, alpha: float, seed: int,
-             batch: int = 128, on_step=None) -> nn.Module:
+             batch: int = 128, on_step=None, pool: torch.Tensor | None = None) -> nn.Module:
     """Fine-tune `prepared` (see `prepare`; taking [0, 1] pixels) in place for `epochs` passes over `images`
-    training images drawn with `seed`; loss (1 - alpha) CE + alpha T^2 KL (Hinton). Adam, not SGD: a network with
-    one channel scaled up and the next layer's matching weights scaled down (the same function) has gradients 100x
-    apart, and SGD diverged on it at every learning rate that moved the rest. The log step sizes have their own
-    learning rate `scale_lr`. Cosine schedule. Returns `prepared`."""
+    training images drawn with `seed` from the indices `pool` (default all); loss (1 - alpha) CE + alpha T^2 KL
+    (Hinton). Adam, not SGD: a network with one channel scaled up and the next layer's matching weights scaled
+    down (the same function) has gradients 100x apart, and SGD diverged on it at every learning rate that moved
+    the rest. The log step sizes have their own learning rate `scale_lr`. Cosine schedule. Returns `prepared`."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    subset = torch.randperm(len(y_train), generator=generator)[:images]
-    per_epoch = steps_per_epoch(images, len(y_train), batch)
+    pool = torch.arange(len(y_train)) if pool is None else pool
+    subset = pool[torch.randperm(len(pool), generator=generator)[:images]]
+    per_epoch = steps_per_epoch(images, len(pool), batch)
     trainable = [(n, p) for n, p in prepared.named_parameters() if p.requires_grad]
     scales = [p for n, p in trainable if n.endswith("log_scale")]
     others = [p for n, p in trainable if not n.endswith("log_scale")]

@@ -1,6 +1,7 @@
 """Quantize stage: fp32 ONNX of the student, then ONNX Runtime static int8 QDQ with real calibration images."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from . import distill, files, inputfold, schemes, sensitivity
 from .errors import BadInput, StageFailed
 from .qdq_check import check_tensorrt_qdq
 from .runner import RunContext, Stage
-from .runners import OrtRunner, predict
+from .runners import OrtRunner, TorchRunner, predict
 
 
 def load_student(path: Path, student_spec: str) -> tuple[torch.nn.Module, dict]:
@@ -446,7 +447,7 @@ class Budget:
 
     A drop counts against the fp32 student only when it is also beyond noise: the images the int8 model gets
     wrong and fp32 right (b) outnumber the reverse (c) by more than 1.96 sqrt(b + c), the two-sided 95% sign
-    (McNemar) test; on a small eval split a few flipped images do not start the fallback."""
+    (McNemar) test; on a small selection split a few flipped images do not start the fallback."""
 
     fp32_correct: np.ndarray
     teacher_top1: float
@@ -489,7 +490,7 @@ class Search:
         correct = self.judge.correct(path)
         top = float(correct.mean())
         entry = {"try": len(self.tries), "kind": kind, "calibration": method, "excluded_nodes": list(excluded),
-                 "eval_top1": top, "drop_vs_fp32_pt": round((self.budget.fp32_top1 - top) * 100, 3),
+                 "selection_top1": top, "drop_vs_fp32_pt": round((self.budget.fp32_top1 - top) * 100, 3),
                  "drop_vs_teacher_pt": round((self.budget.teacher_top1 - top) * 100, 3),
                  "probe_sqnr_db": round(self.judge.probe_sqnr(path), 3),
                  "latency_bs1_ms": round(self.judge.latency(path), 4), **extra,
@@ -506,9 +507,33 @@ class Search:
         return entry["latency_bs1_ms"] - fastest > (self.fp32_latency - fastest) / 2 > 0
 
     def chosen(self) -> dict:
-        """The first try that meets the budget, else the most accurate (the fastest among equals)."""
+        """The first try that meets the budget, else the most accurate; among equals the one with fewest nodes in
+        float, then the earliest (not the quick latency: a timing would make the same seed choose differently)."""
         meeting = [t for t in self.tries if not t["missed"]]
-        return meeting[0] if meeting else max(self.tries, key=lambda t: (t["eval_top1"], -t["latency_bs1_ms"]))
+        return meeting[0] if meeting else max(self.tries, key=lambda t: (t["selection_top1"],
+                                                                         -len(t["excluded_nodes"]), -t["try"]))
+
+
+def split_training_images(labels: torch.Tensor, conf, seed: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor, str]:
+    """Calibration, selection and probe images, disjoint and drawn from the training split (stratified), and a
+    note of which split chooses and which reports. The tries are chosen on the selection images, never on the
+    eval images verify reports: a choice among tries made on the reported images biases what is reported, more
+    with every try. With too few training images the probe reuses the calibration images (it needs no labels),
+    and the selection falls back to the calibration images only when nothing else is left."""
+    calib_idx = datasets.stratified_sample(labels, conf.calibration_size, seed)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[calib_idx] = False
+    pool = rest.nonzero().flatten()
+    if not len(pool):
+        return calib_idx, calib_idx, calib_idx, ("tries chosen on the calibration images (no other training "
+                                                 "images); the eval split only reports")
+    select_idx = pool[datasets.stratified_sample(labels[pool], conf.selection_size, seed)]
+    rest[select_idx] = False
+    pool = rest.nonzero().flatten()
+    probe_idx = pool[datasets.stratified_sample(labels[pool], conf.probe_size, seed)] if len(pool) else calib_idx
+    return calib_idx, select_idx, probe_idx, ("tries chosen on selection images drawn from the training split, "
+                                              "apart from calibration and probe images; the eval split only reports")
 
 
 def run(ctx: RunContext) -> Path:
@@ -531,26 +556,25 @@ def run(ctx: RunContext) -> Path:
         return artifact
 
     seed = ctx.config.seed
-    calib_idx = datasets.stratified_sample(ds.y_train, conf.calibration_size, seed)
-    rest = torch.ones(len(ds.y_train), dtype=torch.bool)
-    rest[calib_idx] = False
-    probe_idx = rest.nonzero().flatten()
-    # probe images come from outside the calibration set; a data set with no such images probes on calibration's
-    probe_idx = probe_idx[datasets.stratified_sample(ds.y_train[rest], conf.probe_size, seed)] if len(probe_idx) \
-        else calib_idx
-    teacher_top1 = top1(ctx.teacher_eval_logits, ds.y_eval)
+    calib_idx, select_idx, probe_idx, selection_note = split_training_images(ds.y_train, conf, seed)
+    # the teacher on the selection images (on every core): the budget's drop against the teacher is judged there
+    teacher_top1 = top1(predict(TorchRunner(ctx.teacher[0], os.cpu_count() or 1), ds.x_train[select_idx],
+                                ctx.config.verify.eval_batch), ds.y_train[select_idx])
     # QAT distils from the (first) teacher's logits, cached by the distill stage
+    not_selection = torch.ones(len(ds.y_train), dtype=torch.bool)
+    not_selection[select_idx] = False
     qat_inputs = QatInputs(ds.x_train, ds.y_train, lambda: distill.teacher_logits(
         ctx, 0, ctx.teacher[0], torch.device("cpu"), None, distill.Distributed()),
-        ctx.config.distill.temperature, ctx.config.distill.alpha, seed)
+        ctx.config.distill.temperature, ctx.config.distill.alpha, seed, not_selection.nonzero().flatten())
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-") as work_dir:
         work = Path(work_dir)
-        judge = sensitivity.Judge(fp32_path, ds.x_eval, ds.y_eval, ds.x_train[probe_idx], target.threads,
+        judge = sensitivity.Judge(fp32_path, ds.x_train[select_idx], ds.y_train[select_idx], ds.x_train[probe_idx],
+                                  target.threads,
                                   target.execution_providers, target.onnxruntime)
         budget = Budget(judge.correct(fp32_path), teacher_top1, conf.max_drop_vs_fp32,
                         target.budgets.max_accuracy_drop)
-        ctx.log(f"[quantize] {scheme.name}: teacher {teacher_top1:.4f}, fp32 student {budget.fp32_top1:.4f} top-1; "
-                f"calibrating on {len(calib_idx)} training images")
+        ctx.log(f"[quantize] {scheme.name}: teacher {teacher_top1:.4f}, fp32 student {budget.fp32_top1:.4f} top-1 on "
+                f"{len(select_idx)} selection images; calibrating on {len(calib_idx)} training images")
         search = search_int8(model, spec, fp32_path, scheme, conf, ds.x_train[calib_idx], judge, budget, target.opset,
                              qat_inputs, work, ctx.log, ctx.progress)
         final = search.chosen()
@@ -569,16 +593,17 @@ def run(ctx: RunContext) -> Path:
         "samples_per_class": dict(zip(ds.classes, counts)), "seed": seed,
         "activations": scheme.activation_type, "weights": scheme.weight_type, "per_channel": scheme.per_channel,
         "tensorrt_qdq_check": "passed" if target.runtime == "tensorrt" else "not applicable",
-        "teacher_eval_top1": teacher_top1, "fp32_eval_top1": budget.fp32_top1,
+        "teacher_selection_top1": teacher_top1, "fp32_selection_top1": budget.fp32_top1,
         "fp32_latency_bs1_ms": round(search.fp32_latency, 4),
         "budget": {"max_drop_vs_fp32_pt": conf.max_drop_vs_fp32, "max_drop_vs_teacher_pt": budget.max_drop_vs_teacher,
                    "teacher_reachable": budget.teacher_reachable, "met": not final["missed"]},
-        "probe_images": len(probe_idx), "eval_images": len(ds.y_eval),
+        "probe_images": len(probe_idx), "selection_images": len(select_idx),
+        "selection": selection_note,
         "bias_correction": bias_correction_record(search.quantizer, final["calibration"]),
         "sensitivity": search.ranking, "qat": search.qat_note, "chosen_try": final["try"],
         "excluded_nodes": final["excluded_nodes"], "float_outputs": float_output_names(artifact),
         "tries": search.tries})
-    ctx.log(f"[quantize] chose try {final['try']} ({final['kind']}): top-1 {final['eval_top1']:.4f} "
+    ctx.log(f"[quantize] chose try {final['try']} ({final['kind']}): selection top-1 {final['selection_top1']:.4f} "
             f"({final['drop_vs_fp32_pt']:+.2f} pt vs fp32), {len(final['excluded_nodes'])} nodes in float"
             f"{'' if not final['missed'] else '; budget missed: ' + final['missed'][0]}")
     return artifact
@@ -587,7 +612,8 @@ def run(ctx: RunContext) -> Path:
 @dataclass
 class QatInputs:
     """What quantization-aware training needs beyond the model: training data and the teacher's logits on it
-    (a callable: computed only if QAT runs)."""
+    (a callable: computed only if QAT runs), and `pool`, the training images it may train on: not the selection
+    images, so that the QAT try is not judged on images it was just fitted to."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -595,6 +621,7 @@ class QatInputs:
     temperature: float
     alpha: float
     seed: int
+    pool: torch.Tensor | None = None  # None: every training image
 
 
 def search_int8(model: torch.nn.Module, spec: dict, fp32_path: Path, scheme: schemes.Scheme, conf, calibration:
@@ -668,11 +695,12 @@ def search_qat(model: torch.nn.Module, spec: dict, scheme: schemes.Scheme, metho
         search.qat_note = f"skipped: {exc}"
         search.log(f"[quantize] QAT {search.qat_note}")
         return
-    steps = conf.qat_epochs * qat.steps_per_epoch(conf.qat_images, len(inputs.y_train))
+    pool = len(inputs.y_train) if inputs.pool is None else len(inputs.pool)
+    steps = conf.qat_epochs * qat.steps_per_epoch(conf.qat_images, pool)
     with progress(None, "QAT", length=steps) as bar:
         qat.finetune(prepared, inputs.x_train, inputs.y_train, inputs.teacher_logits(), epochs=conf.qat_epochs,
                      images=conf.qat_images, lr=conf.qat_lr, scale_lr=conf.qat_scale_lr,
-                     temperature=inputs.temperature, alpha=inputs.alpha, seed=inputs.seed,
+                     temperature=inputs.temperature, alpha=inputs.alpha, seed=inputs.seed, pool=inputs.pool,
                      on_step=lambda: bar.update(1))
     seconds = time.perf_counter() - began
     folded = qat_export(prepared, spec, opset, calibration, scheme, method, work / "qat", work / "qat.int8.onnx")

@@ -121,12 +121,15 @@ def markdown(r: dict) -> str:
         lines += ["", "Not verified on this host:"] + [f"- {u}" for u in r["unverified"]]
     q = r.get("quantization")
     if q:
-        lines += ["", f"## Quantization tries ({q['scheme']}; try {q['chosen_try']} shipped)", "",
-                  "| try | kind | calibration | nodes kept in float | eval top-1 | vs fp32 (pt) | bs1 ms (quick) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Quantization tries ({q['scheme']}; try {q['chosen_try']} shipped)", ""]
+        if q.get("selection"):
+            lines += [f"Top-1 on {q['selection_images']} selection images: {q['selection']}.", ""]
+        lines += ["| try | kind | calibration | nodes kept in float | selection top-1 | vs fp32 (pt) "
+                  "| bs1 ms (quick) |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {t['try']} | {t['kind']} | {t.get('calibration', '-')} | "
-                  f"{', '.join(t['excluded_nodes']) or '-'} | {_pct(t['eval_top1'])} | "
-                  f"{t['drop_vs_fp32_pt']:+.2f} | {t['latency_bs1_ms']:.3f} |" for t in q["tries"] if "latency_bs1_ms" in t]
+                  f"{', '.join(t['excluded_nodes']) or '-'} | {_pct(t['selection_top1'])} | "
+                  f"{t['drop_vs_fp32_pt']:+.2f} | {t['latency_bs1_ms']:.3f} |"
+                  for t in q["tries"] if "latency_bs1_ms" in t]
         fold = q.get("input_fold")
         if fold:
             lines.append(f"\nInput normalisation (mean {fold['mean']:.4f}, std {fold['std']:.4f}) folded into the "

@@ -5,7 +5,7 @@ Sensitivity of a node = how much closer the int8 model's logits come to the fp32
 stays in float (per-node exclusion, the "layer-wise sensitivity analysis" of Wu et al. 2020, "Integer
 Quantization for Deep Learning Inference", arXiv:2004.09602, section 5.2). The error is measured as the logits'
 signal-to-quantization-noise ratio, SQNR = 10 log10(sum f^2 / sum (q - f)^2), over probe images that are neither
-calibration nor eval images, so the ranking does not tune on the split the budget is judged on.
+calibration, selection nor eval images.
 """
 from __future__ import annotations
 
@@ -46,11 +46,13 @@ def median_latency_ms(path: Path, threads: int, providers: tuple[str, ...], imag
 
 @dataclass
 class Judge:
-    """Scores a candidate model: eval top-1 (the budget's split), logit SQNR on probe images, quick latency."""
+    """Scores a candidate model: top-1 on the selection images (the budget's split: training images outside
+    calibration and probe; the eval split only reports, so choosing among tries cannot tune on it), logit SQNR
+    on probe images, quick latency."""
 
     fp32_path: Path
-    x_eval: torch.Tensor
-    y_eval: torch.Tensor
+    x_select: torch.Tensor
+    y_select: torch.Tensor
     x_probe: torch.Tensor
     threads: int
     providers: tuple[str, ...]
@@ -59,7 +61,7 @@ class Judge:
 
     def __post_init__(self):
         self.fp32_probe = self.logits(self.fp32_path, self.x_probe)
-        self.image = datasets.to_float(self.x_eval[:1]).numpy()
+        self.image = datasets.to_float(self.x_select[:1]).numpy()
 
     @staticmethod
     def logits(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -69,8 +71,8 @@ class Judge:
         return sqnr_db(self.fp32_probe, self.logits(path, self.x_probe))
 
     def correct(self, path: Path) -> np.ndarray:
-        """Per eval image: whether the model's top-1 is right (the budget's paired comparison needs these)."""
-        return self.logits(path, self.x_eval).argmax(1) == self.y_eval.numpy()
+        """Per selection image: whether the model's top-1 is right (the budget's paired comparison needs these)."""
+        return self.logits(path, self.x_select).argmax(1) == self.y_select.numpy()
 
     def top1(self, path: Path) -> float:
         return float(self.correct(path).mean())

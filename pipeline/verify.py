@@ -321,11 +321,12 @@ def run(ctx: RunContext) -> Path:
     calibration = ctx.out / "quantize" / "calibration.json"
     if calibration.is_file():  # the quantize stage's tries: which nodes stayed float, and what each try measured
         record = json.loads(calibration.read_text())
-        keys = ("try", "kind", "calibration", "excluded_nodes", "eval_top1", "drop_vs_fp32_pt", "latency_bs1_ms")
+        keys = ("try", "kind", "calibration", "excluded_nodes", "selection_top1", "drop_vs_fp32_pt", "latency_bs1_ms")
         result["quantization"] = {
             "scheme": record["scheme"]["name"], "method": record.get("method"), "budget": record.get("budget"),
             "excluded_nodes": record["excluded_nodes"], "chosen_try": record.get("chosen_try", 0),
-            "qat": record.get("qat", "not needed"),
+            "qat": record.get("qat", "not needed"), "selection": record.get("selection"),
+            "selection_images": record.get("selection_images"),
             "tries": [{k: t[k] for k in keys if k in t} for t in record["tries"]],
             "input_fold": next((t.get("input_fold") for t in record["tries"]
                                 if t["try"] == record.get("chosen_try", 0)), None)}

@@ -326,10 +326,38 @@ def test_fallback_keeps_the_outlier_layer_in_float_and_meets_the_budget(tmp_path
     assert final["kind"] == "fallback" and not final["missed"] and record["budget"]["met"]
     assert any(n.endswith("stages.0.0/conv2/Conv") for n in record["excluded_nodes"])
     assert record["sensitivity"][0]["node"].endswith("stages.0.0/conv2/Conv")
-    assert all({"eval_top1", "latency_bs1_ms", "excluded_nodes"} <= set(t) for t in record["tries"])
+    assert all({"selection_top1", "latency_bs1_ms", "excluded_nodes"} <= set(t) for t in record["tries"])
     # the budget counts a drop beyond 0.3 pt only when the sign test says it is not noise (Budget.misses): on these
     # 500 eval images the fallback may stay a few images above 0.3 pt, but it recovers nearly all of PTQ's drop
     assert 0.3 < first["drop_vs_fp32_pt"] and final["drop_vs_fp32_pt"] < first["drop_vs_fp32_pt"] / 10
+
+
+@pytest.mark.slow
+def test_eval_labels_cannot_change_what_the_stage_chooses(tmp_path, fashion):
+    """The tries are judged on selection images from the training split: the same run with the eval labels
+    scrambled records the same tries, scores and choice (a choice made on eval images would follow them)."""
+    import json
+
+    from edgecompress import quantize, sensitivity
+    from edgecompress.runner import run_stage
+
+    model = train_briefly(small_model(), fashion)
+    block = model.net.stages[0][0]
+    sensitivity.plant_outlier_channel(block.bn1, block.conv2, channel=0, factor=100.0)  # several tries
+    x86 = (Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text()
+    records = []
+    for name, scramble in (("labels", False), ("scrambled", True)):
+        ctx = make_run(tmp_path / name, fashion, x86, model)
+        if scramble:
+            order = torch.randperm(len(ctx.data.y_eval), generator=torch.Generator().manual_seed(1))
+            ctx.data.y_eval = ctx.data.y_eval[order]
+        run_stage(ctx, quantize.STAGE)
+        record = json.loads((ctx.out / "quantize" / "calibration.json").read_text())
+        tries = [{k: t[k] for k in ("kind", "calibration", "excluded_nodes", "selection_top1", "missed")}
+                 for t in record["tries"]]
+        records.append(tries + [record["chosen_try"], record["selection_images"] + record["samples"]])
+    assert len(records[0]) > 3 and records[0] == records[1]
+    assert records[0][-1] == 1500  # the training images outside calibration (the probe reuses those)
 
 
 def test_qat_prepares_fake_quant_layers_and_strips_back_to_float(fashion):
@@ -426,7 +454,7 @@ def test_search_qat_records_a_fully_int8_try(tmp_path, fashion, calib):
     (entry,) = search.tries
     assert search.qat_note == "ran" and entry["kind"] == "qat" and entry["excluded_nodes"] == []
     assert entry["bias_corrected_nodes"] == []  # QAT trained its biases against its int8 weights
-    assert {"qat_seconds", "qat_scale_lr", "eval_top1", "latency_bs1_ms"} <= set(entry)
+    assert {"qat_seconds", "qat_scale_lr", "selection_top1", "latency_bs1_ms"} <= set(entry)
     graph = onnx.load(str(entry["path"])).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
     weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]

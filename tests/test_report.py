@@ -180,7 +180,7 @@ def test_report_carries_the_quantize_stage_tries(written, small_run):
     q = report["quantization"]
     assert q["scheme"] == calibration["scheme"]["name"] == "onnxruntime-x86-qdq"
     assert len(q["tries"]) == len(calibration["tries"]) >= 1 and q["excluded_nodes"] == calibration["excluded_nodes"]
-    assert all({"kind", "eval_top1", "excluded_nodes", "latency_bs1_ms"} <= set(t) for t in q["tries"])
+    assert all({"kind", "selection_top1", "excluded_nodes", "latency_bs1_ms"} <= set(t) for t in q["tries"])
     text = reports.markdown(report)
     assert "## Quantization tries (onnxruntime-x86-qdq" in text
     assert f"| 0 | ptq | {calibration['tries'][0]['calibration']} |" in text
