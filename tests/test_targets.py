@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from edgecompress import targets
 from edgecompress.cli import main
+from edgecompress.config import tomllib  # tomli on Python 3.10
 from edgecompress.errors import BadInput
 
 SHIPPED = sorted(targets.PROFILE_DIR.glob("*.toml"))
