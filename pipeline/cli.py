@@ -152,6 +152,11 @@ def compress(click_ctx, teacher, teacher_weights, student, max_latency_ms, data,
     with locked(out):
         report = run_all(ctx)
     _summarise(report, out, quiet)
+    fail_on_missed_budget(report, out)
+
+
+def fail_on_missed_budget(report: dict, out: Path) -> None:
+    """A missed budget is a failure (exit 1) naming each budget, for `compress` and `verify` alike."""
     if not report["budgets"]["passed"]:
         raise StageFailed(f"budget missed for {report['target']}: {'; '.join(report['budgets']['failed'])} "
                           f"(see {out / 'verify' / 'report.md'})")
@@ -203,6 +208,8 @@ def _stage_command(name: str, summary: str):
             artifact = run_one(ctx, name)
         if not quiet:
             click.echo(str(artifact))
+        if name == "verify":
+            fail_on_missed_budget(json.loads(artifact.read_text()), run_dir)
 
     return command
 

@@ -150,7 +150,10 @@ def _exporters() -> dict[str, Callable[[RunContext, Path, Path], dict]]:
 
 
 def inputs(ctx: RunContext) -> dict:
-    return {"target": ctx.target.to_dict() | {"source": ""}, "model": quantize.artifact_path(ctx.out, ctx.target),
+    """What the exported files depend on: not the target's file name, nor its budgets (verify judges those; a
+    stricter latency budget must not rebuild an engine)."""
+    target = {k: v for k, v in ctx.target.to_dict().items() if k not in ("source", "budgets")}
+    return {"target": target, "model": quantize.artifact_path(ctx.out, ctx.target),
             "preprocess": ctx.preprocess.describe()}
 
 

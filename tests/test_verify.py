@@ -308,3 +308,26 @@ def test_onnx_format_is_read_from_the_graph(small_run):
     assert onnx_format(small_run / "quantize" / "student.int8.onnx") == "onnx-qdq-int8"
     assert onnx_format(small_run / "export" / "test-cpu" / "model.onnx") == "onnx-int8"
     assert onnx_format(small_run / "quantize" / "student.fp32.onnx") == "onnx-fp32"
+
+
+def test_a_missed_budget_exits_1_with_one_line_naming_it(small_run, tmp_path, capsys):
+    """`verify` (as `compress`) fails when a budget is missed: exit 1, one line naming the budget and the report,
+    and report.json records it (every other end-to-end test uses budgets that cannot be missed)."""
+    import shutil
+
+    from edgecompress import config as cfg
+    from edgecompress.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    config = cfg.read_toml(run / "run.toml")
+    config["max_latency_ms"] = 1e-6  # a batch-1 p50 no model meets
+    (run / "run.toml").write_text(cfg.to_toml(config))
+    teacher_folder = Path(config["teacher"]["spec"].rpartition(":")[0]).parent  # a factory-file teacher
+    assert main(["verify", str(run), "--quiet", "--trust", str(teacher_folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: budget missed for test-cpu: bs1 p50 ")
+    assert "max_latency_ms 1e-06" in err[0]
+    assert str(run / "verify" / "report.md") in err[0]
+    budgets = json.loads((run / "verify" / "report.json").read_text())["budgets"]
+    assert budgets["passed"] is False and budgets["max_latency_ms"] == 1e-6 and len(budgets["failed"]) == 1
