@@ -140,10 +140,18 @@ def distill(photos: Path, work: Path, size: int, student: str, teacher_epochs: i
     ms = {name: float(np.median(v)) for name, v in timings.items()}
     top1 = {name: report[key]["accuracy"] for name, key in (("teacher", "teacher"), ("student_fp32", "student_fp32"),
                                                         ("artifact_int8", "artifact"))}
+    # the stages' own times (a rerun over a finished run directory skips them, so its wall time says nothing)
+    stage_s = {str(done.parent.relative_to(work / "run")): json.loads(done.read_text())["seconds"]
+               for done in (work / "run").glob("**/done.json")}
+    calibration = json.loads((work / "run" / "quantize" / "calibration.json").read_text())
+    tries = [{"try": t["try"], "kind": t["kind"], "calibration": t["calibration"],
+              "float_nodes": len(t["excluded_nodes"]), "selection_top1": t["selection_top1"],
+              "chosen": t["try"] == calibration["chosen_try"]} for t in calibration["tries"]]
     return {"size": size, "student": student, "teacher": "torchvision:resnet18", "train_images": 20000,
             "eval_images": report["data"]["eval_images"],
             "teacher_epochs": teacher_epochs, "teacher_train_s": teacher_s, "teacher_eval_top1_own": meta["eval_top1"],
-            "epochs": epochs, "student_precision": student_precision, "compress_s": compress_s,
+            "epochs": epochs, "student_precision": student_precision, "compress_s": round(sum(stage_s.values()), 1),
+            "stage_s": stage_s, "this_call_s": compress_s, "quantize_tries": tries,
             "compress_exit": done.returncode, "compress_stderr_tail": done.stderr[-600:], "top1": top1,
             "drop_pt": round(100 * (top1["teacher"] - top1["artifact_int8"]), 2), "threads": threads,
             "p50_ms": ms, "session_p50_ms": timings,

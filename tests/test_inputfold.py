@@ -16,7 +16,14 @@ from edgecompress.models import Normalized, create
 from edgecompress.quantize import CalibrationReader, export_onnx, quantize_qdq
 from edgecompress.runners import OrtRunner
 
+from testkit import top1, trained_student
+
 SPEC = {"input_shape": [1, 28, 28], "mean": [0.286], "std": [0.353], "classes": [str(i) for i in range(10)]}
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return data.load("fashion-mnist")
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +32,11 @@ def images(fashion_small):
 
 
 @pytest.fixture(scope="module")
-def fp32_path(tmp_path_factory, images):
-    torch.manual_seed(0)
-    model = Normalized(create("resnet_slim_050", 1, 10), SPEC["mean"], SPEC["std"]).train()
-    with torch.no_grad():  # batch-norm statistics of real images, so activations have realistic ranges
-        model(data.to_float(images))
+def fp32_path(tmp_path_factory, fashion):
+    """The briefly trained resnet_slim_050 (testkit.trained_student), with SPEC's normalisation: an untrained one
+    answers one class for every image, and any int8 model would agree with it."""
     path = tmp_path_factory.mktemp("fold") / "fp32.onnx"
-    export_onnx(model.eval(), SPEC, 17, path)
+    export_onnx(trained_student(fashion), SPEC, 17, path)
     return path
 
 
@@ -46,7 +51,7 @@ def ort_qdq(fp32_path, out, images):
     return out
 
 
-def test_fold_removes_the_normalisation_and_keeps_the_function(fp32_path, images, tmp_path):
+def test_fold_removes_the_normalisation_and_keeps_the_function(fp32_path, images, fashion, tmp_path):
     plain = onnx.load(str(ort_qdq(fp32_path, tmp_path / "plain.onnx", images)))
     folded = copy.deepcopy(plain)
     record = fold_input_normalization(folded)
@@ -62,12 +67,13 @@ def test_fold_removes_the_normalisation_and_keeps_the_function(fp32_path, images
     assert first.op_type == "QuantizeLinear" and inits[first.input[1]] == np.float32(1 / 255)
     onnx.save(folded, str(tmp_path / "folded.onnx"))
 
-    x = data.to_float(images).numpy()
+    x, y = data.to_float(fashion.x_eval[:500]).numpy(), fashion.y_eval[:500].numpy()  # images not calibrated on
     reference = OrtRunner(fp32_path, 1, "fp32")(x)
     before, after = OrtRunner(tmp_path / "plain.onnx", 1, "int8")(x), OrtRunner(tmp_path / "folded.onnx", 1, "int8")(x)
     # the fold replaces two roundings of the normalised input by one exact one of the pixels: no worse than before
     assert np.abs(after - reference).mean() <= 1.1 * np.abs(before - reference).mean()
-    assert (after.argmax(1) == before.argmax(1)).mean() >= 0.95
+    assert top1(reference, y) > 0.5  # well above chance: the model predicts many classes, so agreement means something
+    assert top1(after, reference.argmax(1)) >= 0.95 and top1(after, before.argmax(1)) >= 0.95
 
 
 def test_quantize_folds_for_x86_but_not_for_tensorrt(fp32_path, images, tmp_path):

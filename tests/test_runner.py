@@ -124,15 +124,58 @@ def test_target_name_cannot_escape_the_run_directory(tmp_path):
 
 
 def test_digest_follows_file_content_not_file_name(tmp_path):
-    """Resume and cache keys must change when a teacher's weights are replaced at the same path."""
+    """Resume and cache keys must change when a teacher's weights are replaced at the same path, and must not
+    when the same weights are copied under another name."""
     from edgecompress.runner import digest
 
     weights = tmp_path / "teacher.pt"
     weights.write_bytes(b"first weights")
     before = digest({"teacher_weights": weights, "seed": 0})
+    (tmp_path / "copy of teacher.pt").write_bytes(b"first weights")
+    assert digest({"teacher_weights": tmp_path / "copy of teacher.pt", "seed": 0}) == before
     weights.write_bytes(b"other weights")
     assert digest({"teacher_weights": weights, "seed": 0}) != before
-    assert digest({"teacher_weights": str(weights), "seed": 0}) == digest({"teacher_weights": str(weights), "seed": 0})
+
+
+DIGEST_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+from edgecompress.runner import digest
+print(digest({"seed": 0, "options": {"view": "noise", "sigma": 0.5}, "classes": ["shirt", "coat"],
+              "weights": Path(sys.argv[1])}))
+"""
+
+
+def test_digest_is_the_same_in_a_fresh_process_and_changes_with_any_input(tmp_path):
+    """done.json keeps the digest for the next run, so a fresh interpreter (other string hash seeds) must compute
+    the same one, whatever the order the dict's keys were inserted in (runner.digest hashes JSON with sorted
+    keys); changing one value, one key, the order of a list or one byte anywhere in a file changes it."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from edgecompress.runner import digest
+
+    weights = tmp_path / "teacher.pt"
+    blob = bytearray(range(256)) * (3 * 4096)  # 3 MiB: more than one of the 1 MiB blocks files.sha256 reads
+    weights.write_bytes(blob)
+    deps = {"weights": weights, "classes": ["shirt", "coat"], "options": {"sigma": 0.5, "view": "noise"}, "seed": 0}
+    here = digest(deps)
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # another string hash seed than this process's
+    done = subprocess.run([sys.executable, "-c", DIGEST_IN_A_FRESH_PROCESS, str(weights)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": seed})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == here and re.fullmatch("[0-9a-f]{64}", here)
+
+    changed = [{**deps, "seed": 1}, {**deps, "options": {"sigma": 0.5, "view": "downsample"}},
+               {**deps, "classes": ["coat", "shirt"]}, {k if k != "seed" else "seeds": v for k, v in deps.items()},
+               {k: v for k, v in deps.items() if k != "classes"}]
+    digests = {digest(d) for d in changed}
+    assert here not in digests and len(digests) == len(changed)
+    blob[2 * (1 << 20) + 7] ^= 1  # one bit in the third block
+    weights.write_bytes(blob)
+    assert digest(deps) != here
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -57,12 +57,16 @@ def test_every_candidate_is_timed_as_an_int8_artifact_and_the_measurement_is_reu
     saved = tmp_path / "run" / "select" / "selection.json"
     assert json.loads(saved.read_text())["chosen"] == record["chosen"]
 
-    # another budget: the same measurements (not re-timed), a new choice
+    # another budget: the same measurements (not re-timed), a new choice. With the fastest candidate's own p50 as
+    # the budget, that candidate is the only one that fits (the times differ), so the rule must pick it.
     fastest = min(record["candidates"], key=lambda c: c["p50_ms"])
+    assert sum(c["p50_ms"] == fastest["p50_ms"] for c in record["candidates"]) == 1
     config.distill.student, config.max_latency_ms = "auto", fastest["p50_ms"]
-    again = select.select_student(RunContext(tmp_path / "run", config, quiet=True))
+    ctx = RunContext(tmp_path / "run", config, quiet=True)
+    again = select.select_student(ctx)
     assert [c["p50_ms"] for c in again["candidates"]] == [c["p50_ms"] for c in record["candidates"]]
-    assert again["chosen"] == select.choose(record["candidates"], fastest["p50_ms"])
+    assert [c["name"] for c in again["candidates"] if c["fits"]] == [fastest["name"]]
+    assert again["chosen"] == fastest["name"] == ctx.config.distill.student != record["chosen"]
     config.distill.student, config.max_latency_ms = "auto", fastest["p50_ms"] / 1000
     with pytest.raises(StageFailed, match=f"the fastest, {fastest['name']}"):
         select.select_student(RunContext(tmp_path / "run", config, quiet=True))

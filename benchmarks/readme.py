@@ -1,0 +1,165 @@
+"""The README's measured blocks, generated from the committed results under benchmarks/results/:
+
+    python benchmarks/readme.py            # rewrite every block of README.md from the JSON
+    python benchmarks/readme.py --check    # exit 1 naming each block that differs (tests/test_readme.py runs it)
+
+A block sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md; NAME is a key of BLOCKS,
+whose function turns the JSON into Markdown. Every figure inside a block comes from a JSON a benchmark wrote, so
+a README figure cannot drift from its result: rerun the benchmark, then this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def load(results: Path, stem: str) -> dict:
+    return json.loads((results / f"{stem}.json").read_text())
+
+
+def para(text: str, indent: str = "") -> str:
+    """A paragraph (or a list item, with `indent` for its continuation lines) wrapped as the README is."""
+    return textwrap.fill(text, width=115, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def students224_zoo(results: Path) -> str:
+    """The 224-px zoo's latency table and what it shows, from students224.json's zoo rows."""
+    r = load(results, "students224")
+    cores = r["provenance"]["host"]["cores"]
+    lines = ["| student | params | MMACs | bs1 t1 fp32 / int8 | bs16 t1 fp32 / int8 | "
+             f"bs1 t{cores} fp32 / int8 | bs16 t{cores} fp32 / int8 | int8 layers | float between int8 kernels |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["zoo"]:
+        t = row["p50_ms"]
+        cells = [f"{t[f'fp32_bs{b}_t{n}']:.2f} / {t[f'int8_bs{b}_t{n}']:.2f}" for n in (1, cores) for b in (1, 16)]
+        ops = ", ".join(f"{op} x{n}" for op, n in row["dequantized_ops"].items()) or "-"
+        lines.append(f"| {row['name']} | {row['params']:,} | {row['mmacs']} | {' | '.join(cells)} | "
+                     f"{row['int8_layers']}/{row['int8_layers'] + row['float_layers']} | {ops} |")
+    zoo = {row["name"]: row["p50_ms"] for row in r["zoo"]}
+    fully_int8 = all(row["float_layers"] == 0 for row in r["zoo"])
+    slower = [name for name, t in zoo.items() if t["int8_bs1_t1"] > t["fp32_bs1_t1"]]
+    fastest = min(zoo, key=lambda name: zoo[name]["int8_bs1_t1"])
+    gain = max(zoo, key=lambda name: zoo[name]["fp32_bs1_t1"] / zoo[name]["int8_bs1_t1"])
+    small, lite, b0 = (zoo[n] for n in ("torchvision:mobilenet_v3_small", "timm:efficientnet_lite0",
+                                        "torchvision:efficientnet_b0"))
+    lines += ["", para(
+        f"{'Every' if fully_int8 else 'Not every'} convolution and Gemm runs an int8 kernel in all {len(zoo)} "
+        f"students. Slower in int8 than in fp32 at batch 1 on one thread: {', '.join(slower) or 'none'} "
+        f"(mobilenet_v3_small: {small['int8_bs1_t1']:.2f} vs {small['fp32_bs1_t1']:.2f} ms): its squeeze-excite "
+        "gates (`HardSigmoid`) have no int8 kernel, and each costs a dequantize-requantize round trip on a network "
+        f"this small. The fastest in int8 is {fastest} ({zoo[fastest]['int8_bs1_t1']:.2f} ms); the largest int8 "
+        f"gain is {gain}'s ({zoo[gain]['int8_bs1_t1']:.2f} ms, "
+        f"{zoo[gain]['fp32_bs1_t1'] / zoo[gain]['int8_bs1_t1']:.1f}x its fp32). timm's efficientnet_lite0 (ReLU6, "
+        f"no squeeze-excite) is the int8-friendly choice at EfficientNet-B0's size ({lite['int8_bs1_t1']:.2f} vs "
+        f"b0's {b0['int8_bs1_t1']:.2f} ms).")]
+    return "\n".join(lines)
+
+
+def students224_distill(results: Path) -> str:
+    """The 112-px distillation's table, its budget outcome and the quantize stage's tries."""
+    d = load(results, "students224")["distill"]
+    t, ms = d["top1"], d["p50_ms"]
+    trained = f"trained in {d['teacher_train_s']:.0f} s" if d["teacher_train_s"] else "trained by an earlier run"
+    lines = [para(f"A `{d['teacher']}` teacher trained from scratch by `models/train_teacher.py` for "
+                  f"{d['teacher_epochs']} epochs ({trained}) on {d['train_images']:,} training photos, distilled "
+                  f"into `{d['student']}` for {d['epochs']} epochs (Hinton KD, {d['student_precision']}) at "
+                  f"{d['size']} px for x86-cpu; `compress` took {d['compress_s']:.0f} s and exited "
+                  f"{d['compress_exit']}."), "",
+             f"| model | top-1 ({d['eval_images']:,} test photos) | bs1 p50, {d['threads']} thread |", "|---|---|---|",
+             f"| teacher, eager PyTorch fp32 | {100 * t['teacher']:.2f}% | {ms['teacher_eager']:.2f} ms |",
+             f"| teacher, ONNX Runtime fp32 | (same model) | {ms['teacher_ort_fp32']:.2f} ms |",
+             f"| student, eager PyTorch fp32 | {100 * t['student_fp32']:.2f}% | {ms['student_eager']:.2f} ms |",
+             f"| student int8 artifact, ONNX Runtime | {100 * t['artifact_int8']:.2f}% | "
+             f"{ms['artifact_int8']:.3f} ms |", "",
+             para(f"The int8 artifact is {d['speedup_vs_teacher_ort_fp32']}x faster than the teacher in ONNX Runtime "
+                  f"fp32 and {d['speedup_vs_teacher_eager']}x faster than the teacher in eager PyTorch (interleaved "
+                  f"in one process), {abs(d['drop_pt']):.2f} points {'below' if d['drop_pt'] > 0 else 'above'} it: "
+                  f"x86-cpu's 2-point accuracy budget is {'missed' if d['drop_pt'] > 2 else 'met'}.")]
+    tries = d.get("quantize_tries")
+    if tries:
+        lines += ["", "The quantize stage's tries (chosen on selection images from the training photos):", ""]
+        lines += [para(f"- try {q['try']}, {q['kind']} ({q['calibration']}, {q['float_nodes']} nodes in float): "
+                       f"{100 * q['selection_top1']:.2f}% selection top-1{' (shipped)' if q['chosen'] else ''}", "  ")
+                  for q in tries]
+    return "\n".join(lines)
+
+
+def gpu_h200(results: Path) -> str:
+    """What the GPU path measured on the lent H200, from gpu-h200-224.json and gpu-h200-64.json."""
+    big, small = load(results, "gpu-h200-224"), load(results, "gpu-h200-64")
+    v = big["provenance"]["versions"]
+    ddp = " / ".join(f"{x:,.0f}" for x in big["ddp"]["distill_images_per_s"])
+    return "\n".join([
+        para(f"Measured on {big['device']} ({big['provenance']['host']['cores']} cores, torch {v['torch']}, ONNX "
+             f"Runtime {v['onnxruntime']} without CUDA), in `benchmarks/results/gpu-h200-*.{{json,md}}`:"), "",
+        para(f"- at {big['size']} px: {big['photos']['images']:,} photos written at "
+             f"{big['photos']['images_per_s']:,.0f} images/s; the resnet18 teacher trained for "
+             f"{big['teacher']['epochs']} epochs in {big['teacher']['seconds']} s "
+             f"({100 * big['teacher']['eval_top1']:.2f}% top-1); the one-GPU torchrun DDP distillation ran at {ddp} "
+             f"images/s per epoch (the first includes CUDA's start-up); `compress` exited {big['compress']['exit']} "
+             "(the failure described below);", "  "),
+        para(f"- at {small['size']} px, {small['photos']['images']:,} photos, every step: `compress` in "
+             f"{small['compress']['seconds']} s (exit {small['compress']['exit']}: "
+             f"{'; '.join(small['compress']['budgets']['failed']) or 'budgets met'}), the DDP distillation in "
+             f"{small['ddp']['seconds']} s;", "  "),
+        para(f"- ONNX Runtime's CUDA provider: {small['ort_cuda'].get('absent', 'measured')}.", "  ")])
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "students224-zoo": students224_zoo,
+    "students224-distill": students224_distill,
+    "gpu-h200": gpu_h200,
+}
+
+
+def render(readme: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """README text with every block regenerated, and the names of the blocks that changed."""
+    changed: list[str] = []
+    seen: set[str] = set()
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise SystemExit(f"README.md has a results block {name!r} that benchmarks/readme.py does not know: "
+                             f"known blocks are {', '.join(BLOCKS)}")
+        seen.add(name)
+        body = BLOCKS[name](results).rstrip("\n") + "\n"
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    text = BLOCK.sub(fill, readme)
+    missing = set(BLOCKS) - seen
+    if missing:
+        raise SystemExit(f"README.md lacks the results blocks {', '.join(sorted(missing))}")
+    return text, changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 when a block differs from its JSON")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    text, changed = render(args.readme.read_text(), args.results)
+    if args.check:
+        for name in changed:
+            print(f"README.md block {name} differs from benchmarks/results: run python benchmarks/readme.py",
+                  file=sys.stderr)
+        return 1 if changed else 0
+    args.readme.write_text(text)
+    print(f"rewrote {', '.join(changed) or 'nothing (up to date)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
