@@ -53,7 +53,6 @@ def quant_activation_types(model_path: Path) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHIPPED_TEACHER.is_file(), reason="shipped teacher weights not built yet")
 def test_compress_with_shipped_teacher_then_skip_on_rerun(fashion, tmp_path, capsys):
     npz = subset_npz(fashion, tmp_path / "fmnist-small.npz", 3000, 1000)
     args = ["compress", "--teacher", "resnet18_half", "--teacher-weights", str(SHIPPED_TEACHER), "--data", str(npz),
@@ -90,21 +89,33 @@ def write_png_folder(fashion, root: Path, per_class: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHIPPED_TEACHER.is_file(), reason="shipped teacher weights not built yet")
-def test_factory_teacher_with_state_dict_on_an_image_folder(fashion, tmp_path):
-    images = write_png_folder(fashion, tmp_path / "images", 60)
-    factory = tmp_path / "my_teacher.py"
-    factory.write_text("from edgecompress.models import create\n\n\n"
-                       "def build():\n    return create('resnet18_half', 1, 10)\n")
-    args = ["compress", "--teacher", f"{factory}:build", "--teacher-weights", str(SHIPPED_TEACHER),
-            "--data", str(images), "--student", "resnet_slim_050", "--target",
-            str(lenient_target(tmp_path / "t.toml")), "--config", str(config_file(tmp_path / "c.toml", 2)),
-            "--out", str(tmp_path / "run"), "--quiet"]
+def test_factory_teacher_with_state_dict_on_an_image_folder(fashion, tmp_path, monkeypatch):
+    """compress is given its files by names relative to the working directory; a one-stage command run later from
+    another directory still finds them (run.toml holds them resolved), which it could not if they stayed relative."""
+    write_png_folder(fashion, tmp_path / "images", 60)
+    (tmp_path / "my_teacher.py").write_text("from edgecompress.models import create\n\n\n"
+                                            "def build():\n    return create('resnet18_half', 1, 10)\n")
+    lenient_target(tmp_path / "t.toml")
+    config_file(tmp_path / "c.toml", 2)
+    monkeypatch.chdir(tmp_path)
+    args = ["compress", "--teacher", "my_teacher.py:build", "--teacher-weights", str(SHIPPED_TEACHER),
+            "--data", "images", "--student", "resnet_slim_050", "--target", "t.toml", "--config", "c.toml",
+            "--out", "run", "--quiet"]
     assert main(args) == 0
     report = json.loads((tmp_path / "run" / "verify" / "report.json").read_text())
     assert report["data"]["eval_images"] == 600
     assert report["teacher"]["accuracy"] > 0.85  # weights loaded and PNG pixels read as trained
+    run_toml = cfg.read_toml(tmp_path / "run" / "run.toml")
+    assert (run_toml["data"], run_toml["target"]) == (str(tmp_path / "images"), str(tmp_path / "t.toml"))
+    assert run_toml["teacher"]["spec"] == f"{tmp_path / 'my_teacher.py'}:build"
 
-    # one stage against the finished run directory, from a different working directory
-    assert main(["verify", str(tmp_path / "run"), "--force", "--quiet", "--trust", str(Path(factory).parent)]) == 0
+    # one stage against the finished run directory, from a different working directory: none of the relative
+    # names above exists there
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "run" / "verify" / "report.json").unlink()
+    assert main(["verify", str(tmp_path / "run"), "--force", "--quiet", "--trust", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "run" / "verify" / "report.json").read_text())
+    assert again["data"]["eval_images"] == 600 and again["teacher"]["accuracy"] == report["teacher"]["accuracy"]
+    assert again["artifact"]["accuracy"] == report["artifact"]["accuracy"]
     assert main(["quantize", str(tmp_path / "no-such-run")]) == 2
