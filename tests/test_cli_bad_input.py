@@ -643,3 +643,33 @@ def test_docker_commands_vouch_for_the_code_of_the_users_own_run(where, small_np
     runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("docker run")]
     folder = str(Path(teacher_spec.rpartition(":")[0]).resolve().parent)
     assert len(runs) == 2 and all(f"--trust {folder}" in line for line in runs)
+
+
+def test_debug_adds_the_traceback_to_the_one_line(where, capsys):
+    """Without --debug a failure is one line; with it, the same line after the traceback that led to it."""
+    args = ["compress", "--data", str(where.inputs / "missing"), "--out", str(where.out), "--quiet"]
+    assert main(args) == 2
+    plain = capsys.readouterr().err.strip().splitlines()
+    assert len(plain) == 1 and plain[0].startswith("error: data not found:")
+    assert main(args + ["--debug"]) == 2
+    debug = capsys.readouterr().err.strip().splitlines()
+    assert debug[0] == "Traceback (most recent call last):" and debug[-1] == plain[0]
+    assert any("BadInput" in line for line in debug[:-1])
+
+
+def test_teacher_weights_pair_by_position_and_a_dash_means_none():
+    from edgecompress.cli import teachers_from_flags
+
+    pair = teachers_from_flags(("teacher.onnx", "resnet18_half"), ("-", "w.pt"))
+    assert (pair.spec, pair.weights, pair.extra, pair.extra_weights) == ("teacher.onnx", "", ["resnet18_half"],
+                                                                          ["w.pt"])
+    pair = teachers_from_flags(("resnet18_half", "teacher.onnx"), ("w.pt", "-"))
+    assert (pair.weights, pair.extra, pair.extra_weights) == ("w.pt", ["teacher.onnx"], [])
+    assert teachers_from_flags(("a", "b"), ()).weights == ""
+
+
+def test_teacher_weights_once_per_teacher_or_one_line(where, capsys):
+    assert main(["compress", "--teacher", "resnet18_half", "--teacher", "resnet18_half", "--teacher-weights", "-",
+                 "--out", str(where.out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 --teacher but 1 --teacher-weights" in err[0] and "'-' for a teacher" in err[0]

@@ -1,0 +1,48 @@
+"""The distill stage's trainer on paths the method and CLI tests do not drive: teacher feature hooks for the
+feature, relation and contrastive methods (CRD's per-image index included), and bf16 autocast on the CPU."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgecompress import config as cfg
+from edgecompress import distill
+from edgecompress.distill.trainer import device_and_precision
+from edgecompress.models.loaders import WEIGHTS_DIR
+from edgecompress.runner import RunContext, run_stage
+
+SHIPPED_TEACHER = WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
+
+
+def distill_once(tmp_path, small_npz, method: str, precision: str = "fp32", epochs: int = 1) -> dict:
+    config = cfg.RunConfig(data=str(small_npz))
+    config.teacher.weights = str(SHIPPED_TEACHER)
+    config.distill.student, config.distill.method = "resnet_slim_050", method
+    config.distill.epochs, config.distill.batch, config.distill.precision = epochs, 60, precision
+    ctx = RunContext(tmp_path / method, config.validate(), quiet=True)
+    run_stage(ctx, distill.STAGE)
+    return json.loads((ctx.out / "distill" / "history.json").read_text())
+
+
+# fitnet pairs intermediate layers through hooks on both models; crd taps the penultimate embeddings and reads
+# each image's index for its memory bank
+@pytest.mark.parametrize("method, term, pairs_layers", [("fitnet", "hint", True), ("crd", "crd", False)])
+def test_methods_reading_teacher_features_train_through_the_stage(tmp_path, small_npz, method, term, pairs_layers):
+    history = distill_once(tmp_path, small_npz, method)
+    assert bool(history["teacher_layers"] and history["student_layers"]) == pairs_layers
+    terms = [epoch[term] for epoch in history["epochs"]]
+    assert all(np.isfinite(terms)) and min(terms) > 0, history["epochs"]
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, small_npz):
+    history = distill_once(tmp_path, small_npz, "hinton", precision="bf16")
+    assert history["device"] == "cpu" and history["autocast"] == "torch.bfloat16"
+    assert all(np.isfinite(e["kd"]) and e["kd"] > 0 for e in history["epochs"])
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_it():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device always gets bf16 autocast; this checks the CPU rule")
+    assert device_and_precision("auto")[1] == (torch.bfloat16 if cfg.cpu_has_bf16() else None)
+    assert device_and_precision("fp32")[1] is None and device_and_precision("bf16")[1] == torch.bfloat16
