@@ -80,7 +80,14 @@ def run_e2e(run_dir: Path) -> dict:
     for stage in STAGES:
         done = next((run_dir).glob(f"{stage}/**/done.json"), None) or run_dir / stage / "done.json"
         stages[stage] = json.loads(done.read_text())["seconds"]
-    return {"wall_s": round(wall, 1), "stage_s": stages, "run": str(run_dir)}
+    report = json.loads((run_dir / "verify" / "report.json").read_text())
+    config = cfg.read_toml(run_dir / "run.toml")
+    return {"wall_s": round(wall, 1), "stage_s": stages, "run": str(run_dir),
+            "top1": {name: report[name]["accuracy"] for name in ("teacher", "student_fp32", "artifact")},
+            "bs1_p50_ms": {name: report[name]["latency_ms"]["bs1"]["p50"] for name in ("teacher", "artifact")},
+            "speedup_vs_teacher": report["speedup_vs_teacher"], "size_ratio": report["size_ratio"],
+            "student": config["distill"]["student"], "epochs": config["distill"]["epochs"],
+            "eval_images": report["data"]["eval_images"]}
 
 
 def kernel_peak(kind: str, threads: int, size: int = 1024) -> float:

@@ -114,10 +114,58 @@ def gpu_h200(results: Path) -> str:
         para(f"- ONNX Runtime's CUDA provider: {small['ort_cuda'].get('absent', 'measured')}.", "  ")])
 
 
+def host_words(provenance: dict) -> str:
+    host = provenance["host"]
+    flags = [f.upper().replace("_", "-") for f in host.get("cpu_flags", []) if f.startswith(("avx512_", "amx_"))]
+    return f"{host['cores']}-core {host['cpu']}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+def default_run(results: Path) -> str:
+    """The README's first measurement: the default `compress`, from perf.json's e2e section."""
+    r = load(results, "perf")
+    e = r["e2e"]
+    stages, top1 = e["stage_s"], e["top1"]
+    return para(
+        f"Measured by `python benchmarks/perf.py` on the {host_words(r)} CI machine, first run of the defaults "
+        f"({e['student']}, {e['epochs']} epochs): {e['wall_s']:.0f} s (distill {stages['distill']:.0f} s, quantize "
+        f"{stages['quantize']:.0f} s, verify {stages['verify']:.0f} s); teacher {100 * top1['teacher']:.2f}% top-1, "
+        f"fp32 student {100 * top1['student_fp32']:.2f}%, int8 artifact {100 * top1['artifact']:.2f}% on the "
+        f"{e['eval_images']:,} test images; the artifact is {e['speedup_vs_teacher']}x faster than the teacher in "
+        f"PyTorch at batch 1 on one thread ({e['bs1_p50_ms']['artifact']:.3f} vs {e['bs1_p50_ms']['teacher']:.2f} "
+        f"ms, the run's own report; the benchmark's inference section, in other sessions, measured "
+        f"{r['ratios']['artifact vs teacher torch eager, bs1 1 thread (x faster)']}x) and {e['size_ratio']:.0f}x "
+        "smaller.")
+
+
+def perf(results: Path) -> str:
+    """The performance benchmark's headline ratios, from perf.json."""
+    r = load(results, "perf")
+    rates = {(row["mode"], row["precision"]): row["images_per_s"] for row in r["distill"]}
+    share = {f"{mode} {precision}": 100 * rates[(mode, precision)] / rates[("student alone", precision)]
+             for mode in ("cached KD", "naive KD") for precision in ("fp32", "bf16")}
+    ratio = r["ratios"]
+    return para(
+        f"Measured on the {host_words(r)} CI machine with nothing else running (benchmarks/results/perf.md; the "
+        f"default run): the first `compress` takes {r['e2e']['wall_s']:.0f} s; an optimiser step on cached teacher "
+        f"logits runs at {share['cached KD fp32']:.0f}% (fp32) and {share['cached KD bf16']:.0f}% (bf16) of the "
+        f"student-alone speed, naive KD at {share['naive KD fp32']:.0f}% / {share['naive KD bf16']:.0f}%. The int8 "
+        f"artifact is {ratio['artifact vs teacher torch eager, bs1 1 thread (x faster)']}x faster than the teacher "
+        "in PyTorch eager (bs1, 1 thread) and runs at "
+        f"{ratio['artifact bs64 1 thread, % of the u8s8 MatMulInteger peak']}% of the uint8 x int8 MatMulInteger "
+        f"peak at bs64 on 1 thread; against the same student in fp32 it is "
+        f"{ratio['artifact int8 vs student fp32 in ORT, bs1 1 thread (x faster)']}x faster at bs1 and "
+        f"{ratio['artifact int8 vs student fp32 in ORT, bs64 1 thread (x faster)']}x at bs64 (one session each), "
+        f"{ratio['the same, interleaved sessions, bs1 / bs64 (x faster)']}x in alternating fresh sessions; the "
+        "ceiling the uint8 x int8 peak allows over this fp32 student at bs64 is "
+        f"{ratio['ceiling of int8 vs student fp32, bs64 1 thread (u8s8 peak / fp32 student GOP/s)']}x.")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "students224-zoo": students224_zoo,
     "students224-distill": students224_distill,
     "gpu-h200": gpu_h200,
+    "default-run": default_run,
+    "perf": perf,
 }
 
 

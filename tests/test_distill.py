@@ -81,7 +81,7 @@ def test_multi_teacher_with_two_architectures_from_the_cli(fashion, small, tmp_p
     assert history["method"] == "multi-teacher" and history["options"]["combine"] == "confidence"
     assert history["teachers"] == ["resnet18_half", "mobilenet_v2_050"]
     assert (run / "distill" / "teacher_logits.pt").is_file() and (run / "distill" / "teacher_logits.1.pt").is_file()
-    # ten classes, 30 test images each: one class for every image scores 0.1; this run's int8 student scored 0.29 when written
+    # ten classes, 30 test images each: one class for every image scores 0.1 (this run scored 0.29 when written)
     assert json.loads((run / "verify" / "report.json").read_text())["artifact"]["accuracy"] > 0.2
     run_toml = cfg.read_toml(run / "run.toml")
     assert run_toml["teacher"]["extra"] == ["mobilenet_v2_050"]

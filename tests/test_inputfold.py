@@ -72,8 +72,9 @@ def test_fold_removes_the_normalisation_and_keeps_the_function(fp32_path, images
     before, after = OrtRunner(tmp_path / "plain.onnx", 1, "int8")(x), OrtRunner(tmp_path / "folded.onnx", 1, "int8")(x)
     # the fold replaces two roundings of the normalised input by one exact one of the pixels: no worse than before
     assert np.abs(after - reference).mean() <= 1.1 * np.abs(before - reference).mean()
-    assert top1(reference, y) > 0.5  # well above chance: the model predicts many classes, so agreement means something
-    assert top1(after, reference.argmax(1)) >= 0.95 and top1(after, before.argmax(1)) >= 0.95
+    # well above chance, so the model predicts many classes and agreeing with it means something
+    accuracy, agreement = top1(reference, y), (top1(after, reference.argmax(1)), top1(after, before.argmax(1)))
+    assert accuracy > 0.5 and min(agreement) >= 0.95, (accuracy, agreement)
 
 
 def test_quantize_folds_for_x86_but_not_for_tensorrt(fp32_path, images, tmp_path):

@@ -46,3 +46,34 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_it():
         pytest.skip("a CUDA device always gets bf16 autocast; this checks the CPU rule")
     assert device_and_precision("auto")[1] == (torch.bfloat16 if cfg.cpu_has_bf16() else None)
     assert device_and_precision("fp32")[1] is None and device_and_precision("bf16")[1] == torch.bfloat16
+
+
+def test_an_onnx_teacher_teaches_through_the_stage(tmp_path, small_npz):
+    """An ONNX teacher runs in ONNX Runtime on the normalised images: the logits the stage caches are the torch
+    teacher's, and the student trains on them."""
+    import warnings
+
+    from edgecompress import data
+    from edgecompress.models.loaders import load_teacher
+
+    meta = torch.load(SHIPPED_TEACHER, weights_only=True)["meta"]
+    torch_teacher, _ = load_teacher("resnet18_half", str(SHIPPED_TEACHER), "fashion-mnist", 1, 10, meta["mean"],
+                                    meta["std"])
+    onnx_path = tmp_path / "teacher.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch_teacher.net.eval(), (torch.zeros(1, 1, 28, 28),), str(onnx_path), dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    config = cfg.RunConfig(data=str(small_npz))
+    config.teacher.spec = str(onnx_path)
+    config.preprocess.mean, config.preprocess.std = meta["mean"], meta["std"]
+    config.distill.student, config.distill.epochs, config.distill.batch = "resnet_slim_050", 1, 60
+    ctx = RunContext(tmp_path / "run", config.validate(), quiet=True)
+    run_stage(ctx, distill.STAGE)
+    cached = torch.load(ctx.out / "distill" / "teacher_logits.pt", weights_only=True)["logits"]
+    with torch.no_grad():
+        expected = torch_teacher(data.to_float(ctx.data.x_train))
+    torch.testing.assert_close(cached, expected, rtol=1e-3, atol=1e-3)
+    history = json.loads((ctx.out / "distill" / "history.json").read_text())
+    assert history["teachers"] == [str(onnx_path)] and all(np.isfinite(e["kd"]) for e in history["epochs"])
