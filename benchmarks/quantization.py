@@ -17,7 +17,7 @@ With --default-run DIR --seeds 0,1,2: the default run's student also under sever
 against the stage's defaults (and the stage without bias correction), each seed drawing its own calibration and
 probe images (calibration_seeds).
 
-Our tries are judged and chosen on 2,000 selection images drawn from the training split apart from the
+Our tries are judged and chosen on 10,000 selection images drawn from the training split apart from the
 calibration, probe and QAT images, as the stage does; every top-1 in the tables is on the test images, which
 choose nothing.
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"Hinton KD from resnet18_half (T 4, alpha 0.9), {args.steps} steps of batch 128 on "
                f"{len(train_idx)} training images, seed 0, one thread")
     results = {"setting": setting, "teacher": "resnet18_half", "teacher_top1": teacher_top1,
-               "eval_images": len(fm.y_eval), "students": [], "cases": []}
+               "eval_images": len(fm.y_eval), "selection_images": len(select_idx), "students": [], "cases": []}
     with tempfile.TemporaryDirectory(prefix="edgecompress-quant-bench-") as tmp:
         work = Path(tmp)
         trained = {}

@@ -160,12 +160,91 @@ def perf(results: Path) -> str:
         f"{ratio['ceiling of int8 vs student fp32, bs64 1 thread (u8s8 peak / fp32 student GOP/s)']}x.")
 
 
+def pct(x: float, digits: int = 2) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def quantization(results: Path) -> str:
+    """ORT's quantize_static defaults against the quantize stage: the table and the calibration-seed sweep."""
+    r = load(results, "quantization")
+    default = next(s for s in r["students"] if "edgecompress defaults" in s["student"])
+    seeds, (outlier, outliers3) = r["calibration_seeds"], r["cases"]
+    f, o, u = default["fp32"], default["ort_defaults"], default["ours"]
+
+    def mean(key: str, field: str = "top1") -> float:
+        return sum(row[key][field] for row in seeds) / len(seeds)
+
+    def drops(key: str) -> list[float]:
+        return [row[key]["drop_vs_fp32_pt"] for row in seeds]
+
+    def best_ptq(case: dict) -> dict:
+        return min((t for t in case["tries"] if t["kind"] == "ptq"), key=lambda t: t["drop_vs_fp32_pt"])
+
+    def float_nodes(case: dict) -> str:
+        return "+".join(n.rsplit("/", 2)[-2] for n in case["ours"]["float_nodes"] if n.endswith("Conv")) or "none"
+
+    first = outlier["tries"][0]
+    qat = [t for t in outliers3["tries"] if t["kind"] == "qat"]
+    fallback3 = [t for t in outliers3["tries"] if t["kind"] == "fallback"]
+    recovered = (1 - qat[-1]["drop_vs_fp32_pt"] / best_ptq(outliers3)["drop_vs_fp32_pt"]) if qat else None
+    cases = r.get("cases_run")
+    then = f"; then `{cases['command']}` ({cases['seconds']:.0f} s), so QAT gets 10,000 images" if cases else ""
+    lines = [para(f"`{r['command']}` ({r['seconds']:.0f} s){then}; the default run (`--default-run`) is a first "
+                  "`edgecompress compress` with every default."), "",
+             "| model | fp32 | ORT `quantize_static` defaults | ours (x86 scheme, bias correction, `auto`, fallback, "
+             "QAT) |", "|---|---|---|---|",
+             f"| default student ({r['default_run']['student']}, {r['default_run']['epochs']}-epoch distill) | "
+             f"{pct(f['top1'])} | {pct(o['top1'])} ({-o['drop_vs_fp32_pt']:+.2f} pt), {o['latency_bs1_ms']:.3f} ms | "
+             f"{pct(u['top1'])} ({-u['drop_vs_fp32_pt']:+.2f} pt), {u['latency_bs1_ms']:.3f} ms |",
+             f"| same, mean over {len(seeds)} calibration seeds (stage defaults) | {pct(mean('fp32'))} | "
+             f"{pct(mean('ort_defaults'), 3)} | {pct(mean('ours'), 3)}; without bias correction "
+             f"{pct(mean('ours_without_bias_correction'), 3)} |",
+             f"| same + one channel scaled 100x after a BatchNorm, compensated in the next conv | "
+             f"{pct(outlier['fp32']['top1'])} | {pct(outlier['ort_defaults']['top1'])} "
+             f"({-outlier['ort_defaults']['drop_vs_fp32_pt']:+.2f} pt) | {pct(outlier['ours']['top1'])} "
+             f"({-outlier['ours']['drop_vs_fp32_pt']:+.2f} pt, {outlier['ours']['chosen']}): first PTQ "
+             f"{-first['drop_vs_fp32_pt']:+.2f} pt on the selection images ({first['calibration']}), float: "
+             f"{float_nodes(outlier)} |",
+             f"| same, outliers in all three stages, at most 1 float node | {pct(outliers3['fp32']['top1'])} | "
+             f"{pct(outliers3['ort_defaults']['top1'])} | {pct(outliers3['ours']['top1'])} "
+             f"({-outliers3['ours']['drop_vs_fp32_pt']:+.2f} pt, {outliers3['ours']['chosen']}): best PTQ "
+             f"{-best_ptq(outliers3)['drop_vs_fp32_pt']:+.2f} pt ({best_ptq(outliers3)['calibration']})"
+             + (f", fallback {-fallback3[-1]['drop_vs_fp32_pt']:+.2f} pt" if fallback3 else "")
+             + (f"; QAT recovers {100 * recovered:.0f}% of the best PTQ drop" if recovered is not None else "")
+             + " (tries' figures on the selection images) |"]
+    ours, ort = drops("ours"), drops("ort_defaults")
+    wins = sum(row["only_ours_right"] >= row["only_ort_defaults_right"] for row in seeds)
+    db = [row["ours"]["probe_sqnr_db"] - row["ort_defaults"]["probe_sqnr_db"] for row in seeds]
+    zoo = [s for s in r["students"] if s is not default]
+    act = r["activation_latency"]
+    lines += ["", para(
+        f"Top-1 on the {r['eval_images']:,} test images, which choose nothing: our tries are judged on "
+        f"{r['selection_images']:,} selection images from the training split. Over "
+        f"{len(seeds)} calibration seeds (each drawing its own calibration, selection and probe images as the stage "
+        f"does) ours loses {min(ours):.2f} to {max(ours):.2f} pt (mean {sum(ours) / len(ours):.3f}) and ORT's "
+        f"defaults {min(ort):.2f} to {max(ort):.2f} pt (mean {sum(ort) / len(ort):.3f}); ours is at least as "
+        f"accurate on {wins} of the {len(seeds)} seeds, and {sum(row['only_ours_right'] for row in seeds)} to "
+        f"{sum(row['only_ort_defaults_right'] for row in seeds)} images only one of the two gets right in all; on "
+        f"the probe images ours is {min(db):.2f}-{max(db):.2f} dB closer to fp32 (mean logit SQNR "
+        f"{mean('ours', 'probe_sqnr_db'):.2f} against {mean('ort_defaults', 'probe_sqnr_db'):.2f} dB; "
+        f"{mean('ours_without_bias_correction', 'probe_sqnr_db'):.2f} dB without bias correction). The "
+        f"{len(zoo)} zoo students, briefly trained, lose at most "
+        f"{max(s['ours']['drop_vs_fp32_pt'] for s in zoo):.2f} point with ours and at most "
+        f"{max(s['ort_defaults']['drop_vs_fp32_pt'] for s in zoo):.2f} with ORT's defaults. ORT's defaults use "
+        f"int8 activations, which run {act['int8']['bs1'] / act['uint8']['bs1']:.2f}x (bs1) and "
+        f"{act['int8']['bs64'] / act['uint8']['bs64']:.2f}x (bs64) slower than uint8 here (default student: "
+        f"{act['uint8']['bs1']:.3f} vs {act['int8']['bs1']:.3f} ms at batch 1, {act['uint8']['bs64']:.1f} vs "
+        f"{act['int8']['bs64']:.1f} ms at batch 64), so the x86 scheme keeps uint8.")]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "students224-zoo": students224_zoo,
     "students224-distill": students224_distill,
     "gpu-h200": gpu_h200,
     "default-run": default_run,
     "perf": perf,
+    "quantization": quantization,
 }
 
 

@@ -519,8 +519,9 @@ def split_training_images(labels: torch.Tensor, conf, seed: int) -> tuple[torch.
     """Calibration, selection and probe images, disjoint and drawn from the training split (stratified), and a
     note of which split chooses and which reports. The tries are chosen on the selection images, never on the
     eval images verify reports: a choice among tries made on the reported images biases what is reported, more
-    with every try. With too few training images the probe reuses the calibration images (it needs no labels),
-    and the selection falls back to the calibration images only when nothing else is left."""
+    with every try. The selection takes at most a fifth of the training images, so that QAT keeps most of them.
+    With too few training images the probe reuses the calibration images (it needs no labels), and the selection
+    falls back to the calibration images only when nothing else is left."""
     calib_idx = datasets.stratified_sample(labels, conf.calibration_size, seed)
     rest = torch.ones(len(labels), dtype=torch.bool)
     rest[calib_idx] = False
@@ -528,7 +529,8 @@ def split_training_images(labels: torch.Tensor, conf, seed: int) -> tuple[torch.
     if not len(pool):
         return calib_idx, calib_idx, calib_idx, ("tries chosen on the calibration images (no other training "
                                                  "images); the eval split only reports")
-    select_idx = pool[datasets.stratified_sample(labels[pool], conf.selection_size, seed)]
+    wanted = min(conf.selection_size, max(1, len(labels) // 5))
+    select_idx = pool[datasets.stratified_sample(labels[pool], wanted, seed)]
     rest[select_idx] = False
     pool = rest.nonzero().flatten()
     probe_idx = pool[datasets.stratified_sample(labels[pool], conf.probe_size, seed)] if len(pool) else calib_idx
@@ -569,8 +571,7 @@ def run(ctx: RunContext) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-") as work_dir:
         work = Path(work_dir)
         judge = sensitivity.Judge(fp32_path, ds.x_train[select_idx], ds.y_train[select_idx], ds.x_train[probe_idx],
-                                  target.threads,
-                                  target.execution_providers, target.onnxruntime)
+                                  target.threads, target.execution_providers, target.onnxruntime)
         budget = Budget(judge.correct(fp32_path), teacher_top1, conf.max_drop_vs_fp32,
                         target.budgets.max_accuracy_drop)
         ctx.log(f"[quantize] {scheme.name}: teacher {teacher_top1:.4f}, fp32 student {budget.fp32_top1:.4f} top-1 on "

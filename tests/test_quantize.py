@@ -344,8 +344,8 @@ def test_fallback_keeps_the_outlier_layer_in_float_and_recovers_the_drop(tmp_pat
     assert record["sensitivity"][0]["node"].endswith("stages.0.0/conv2/Conv")
     assert all({"selection_top1", "latency_bs1_ms", "excluded_nodes"} <= set(t) for t in record["tries"])
     # the budget counts a drop beyond 0.3 pt only when the sign test says it is not noise (Budget.misses): on the
-    # 988 selection images of this small run the fallback stayed 4 images (0.40 pt) above it, a miss the sign
-    # test counts, but it recovers nearly all of PTQ's drop
+    # few selection images of this small run the fallback may stay a few images above it, but it recovers nearly
+    # all of PTQ's drop
     assert 0.3 < first["drop_vs_fp32_pt"] and final["drop_vs_fp32_pt"] < first["drop_vs_fp32_pt"] / 10
 
 
@@ -374,7 +374,7 @@ def test_eval_labels_cannot_change_what_the_stage_chooses(tmp_path, fashion):
                  for t in record["tries"]]
         records.append(tries + [record["chosen_try"], record["selection_images"] + record["samples"]])
     assert len(records[0]) > 3 and records[0] == records[1]
-    assert records[0][-1] == 1500  # the training images outside calibration (the probe reuses those)
+    assert records[0][-1] == 1500 // 5 + 510  # a fifth of the training images, and 51 per class calibrate
 
 
 def test_qat_prepares_fake_quant_layers_and_strips_back_to_float(fashion):
