@@ -202,12 +202,14 @@ def quantization(results: Path) -> str:
              f"| same + one channel scaled 100x after a BatchNorm, compensated in the next conv | "
              f"{pct(outlier['fp32']['top1'])} | {pct(outlier['ort_defaults']['top1'])} "
              f"({-outlier['ort_defaults']['drop_vs_fp32_pt']:+.2f} pt) | {pct(outlier['ours']['top1'])} "
-             f"({-outlier['ours']['drop_vs_fp32_pt']:+.2f} pt, {outlier['ours']['chosen']}): first PTQ "
+             f"({-outlier['ours']['drop_vs_fp32_pt']:+.2f} pt, {outlier['ours']['chosen']} "
+             f"{outlier['ours']['calibration']}): first PTQ "
              f"{-first['drop_vs_fp32_pt']:+.2f} pt on the selection images ({first['calibration']}), float: "
              f"{float_nodes(outlier)} |",
              f"| same, outliers in all three stages, at most 1 float node | {pct(outliers3['fp32']['top1'])} | "
              f"{pct(outliers3['ort_defaults']['top1'])} | {pct(outliers3['ours']['top1'])} "
-             f"({-outliers3['ours']['drop_vs_fp32_pt']:+.2f} pt, {outliers3['ours']['chosen']}): best PTQ "
+             f"({-outliers3['ours']['drop_vs_fp32_pt']:+.2f} pt, {outliers3['ours']['chosen']} "
+             f"{outliers3['ours']['calibration']}): best PTQ "
              f"{-best_ptq(outliers3)['drop_vs_fp32_pt']:+.2f} pt ({best_ptq(outliers3)['calibration']})"
              + (f", fallback {-fallback3[-1]['drop_vs_fp32_pt']:+.2f} pt" if fallback3 else "")
              + (f"; QAT recovers {100 * recovered:.0f}% of the best PTQ drop" if recovered is not None else "")
@@ -235,6 +237,15 @@ def quantization(results: Path) -> str:
         f"{act['int8']['bs64'] / act['uint8']['bs64']:.2f}x (bs64) slower than uint8 here (default student: "
         f"{act['uint8']['bs1']:.3f} vs {act['int8']['bs1']:.3f} ms at batch 1, {act['uint8']['bs64']:.1f} vs "
         f"{act['int8']['bs64']:.1f} ms at batch 64), so the x86 scheme keeps uint8.")]
+    over = [c for c in (default, outlier, outliers3) if c["ours"]["drop_vs_fp32_pt"] > 0.3]
+    if over:
+        lines += ["", para(
+            "Over the 0.3-pt budget on the test images although the selection images said it was met: "
+            + "; ".join(f"{c['student']} ({c['ours']['drop_vs_fp32_pt']:.2f} pt)" for c in over)
+            + ". The selection images are training images, which the student fits better than new ones, so a drop "
+            "there understates the drop on new images; judged on the test images (before the selection split) the "
+            "one-outlier case shipped a fallback 0.01 pt below fp32 (git history of "
+            "benchmarks/results/quantization.json), a figure tuned on the images it reports.")]
     return "\n".join(lines)
 
 

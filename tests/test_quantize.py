@@ -355,6 +355,7 @@ def test_eval_labels_cannot_change_what_the_stage_chooses(tmp_path, fashion):
     scrambled records the same tries, scores and choice (a choice made on eval images would follow them)."""
     import json
 
+    from edgecompress import config as cfg
     from edgecompress import quantize, sensitivity
     from edgecompress.runner import run_stage
 
@@ -364,7 +365,9 @@ def test_eval_labels_cannot_change_what_the_stage_chooses(tmp_path, fashion):
     x86 = (Path(__file__).parents[1] / "targets" / "x86-cpu.toml").read_text()
     records = []
     for name, scramble in (("labels", False), ("scrambled", True)):
-        ctx = make_run(tmp_path / name, fashion, x86, model)
+        config = cfg.RunConfig()
+        config.quantize.qat_epochs = 0  # the PTQ and fallback tries suffice, and QAT would double the test's time
+        ctx = make_run(tmp_path / name, fashion, x86, model, config)
         if scramble:
             order = torch.randperm(len(ctx.data.y_eval), generator=torch.Generator().manual_seed(1))
             ctx.data.y_eval = ctx.data.y_eval[order]
