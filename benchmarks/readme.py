@@ -249,6 +249,49 @@ def quantization(results: Path) -> str:
     return "\n".join(lines)
 
 
+def photos(results: Path) -> str:
+    """Real photos at 224 px: indexing, decoding, streaming, a whole compress's memory, FKD replay."""
+    r = load(results, "photos")
+    rate = {row["workers"]: row["images_per_s"] for row in r["loader"]["rows"]}
+    d, c, a = r["distill"], r["compress"], r["augment"]
+
+    def top1s(rows: list[dict]) -> str:
+        return " / ".join(f"{100 * row['top1']:.2f}" for row in rows) + "%"
+
+    def epoch_s(rows: list[dict]) -> float:
+        times = [t for row in rows for t in row["epoch_seconds"]]
+        return sum(times) / len(times)
+
+    def mean_top1(rows: list[dict]) -> float:
+        return sum(row["top1"] for row in rows) / len(rows)
+
+    same = all(v == 0 for v in a["top1_replay_minus_online"]["per_seed"])
+    plain, crop = mean_top1(a["no_augment"]), mean_top1(a["online"])
+    verdict = (": on a schedule this short augmentation costs accuracy, so the default stays `augment = \"none\"`; "
+               "turn it on for long runs on few images, where KD overfits without it." if plain > crop else ".")
+    return "\n".join([
+        para(f"- indexing the {r['index']['first']['files']:,} files: {r['index']['first']['seconds']} s (no pixel "
+             f"read); decoding into the packed file: {rate[0]:,.0f} images/s in the main process, {rate[1]:,.0f} with "
+             f"one worker, {rate[2]:,.0f} with two (the default: one per core);", "  "),
+        para(f"- a distillation step at 224 px reading its batches from the packed file: {d['streamed_median']:,.0f} "
+             f"images/s, against {d['in_memory_median']:,.0f} from the same images as an in-memory tensor "
+             f"({len(d['images_per_s']['streamed'])} alternating rounds): streaming costs "
+             f"{d['streaming_cost_pct']:+.1f}%;", "  "),
+        para(f"- a first `compress` on the whole 224 folder (`--epochs 1`, factory teacher and student for 224-px RGB "
+             f"input, see the script): **peak resident memory of the whole process tree {c['peak_tree_rss_mib']:,} "
+             f"MiB** ({c['peak_at_s']:.0f} s in), {c['seconds']:.0f} s (distill {c['stage_seconds']['distill']:.0f} s "
+             "of it);", "  "),
+        para(f"- crop-flip KD on {a['train_images']:,} of the images at 224 px, {a['epochs']} epochs, "
+             f"{len(a['seeds'])} seeds, {a['teacher']}: epochs replayed from the FKD cache take "
+             f"{epoch_s(a['fkd_replay']):.0f} s against {epoch_s(a['online']):.0f} s with the teacher online, "
+             f"**{a['epoch_speedup_replay_vs_online']}x faster, with "
+             f"{'exactly the same student' if same else 'a different student'}** (top-1 {top1s(a['fkd_replay'])} "
+             f"replayed, {top1s(a['online'])} online);", "  "),
+        para(f"- the same {a['epochs']} epochs without augmentation (cached logits): {top1s(a['no_augment'])} in "
+             f"{epoch_s(a['no_augment']):.0f}-s epochs, {'above' if plain > crop else 'below'} crop-flip's "
+             f"{top1s(a['online'])}{verdict}", "  ")])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "students224-zoo": students224_zoo,
     "students224-distill": students224_distill,
@@ -256,6 +299,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "default-run": default_run,
     "perf": perf,
     "quantization": quantization,
+    "photos": photos,
 }
 
 
