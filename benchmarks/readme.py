@@ -31,9 +31,8 @@ def para(text: str, indent: str = "") -> str:
     return textwrap.fill(text, width=115, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
 
-def students224_zoo(results: Path) -> str:
-    """The 224-px zoo's latency table and what it shows, from students224.json's zoo rows."""
-    r = load(results, "students224")
+def zoo_table(r: dict) -> list[str]:
+    """students224.json's zoo rows as a Markdown table (the README's block and students224.md alike)."""
     cores = r["provenance"]["host"]["cores"]
     lines = ["| student | params | MMACs | bs1 t1 fp32 / int8 | bs16 t1 fp32 / int8 | "
              f"bs1 t{cores} fp32 / int8 | bs16 t{cores} fp32 / int8 | int8 layers | float between int8 kernels |",
@@ -44,6 +43,13 @@ def students224_zoo(results: Path) -> str:
         ops = ", ".join(f"{op} x{n}" for op, n in row["dequantized_ops"].items()) or "-"
         lines.append(f"| {row['name']} | {row['params']:,} | {row['mmacs']} | {' | '.join(cells)} | "
                      f"{row['int8_layers']}/{row['int8_layers'] + row['float_layers']} | {ops} |")
+    return lines
+
+
+def students224_zoo(results: Path) -> str:
+    """The 224-px zoo's latency table and what it shows, from students224.json's zoo rows."""
+    r = load(results, "students224")
+    lines = zoo_table(r)
     zoo = {row["name"]: row["p50_ms"] for row in r["zoo"]}
     fully_int8 = all(row["float_layers"] == 0 for row in r["zoo"])
     slower = [name for name, t in zoo.items() if t["int8_bs1_t1"] > t["fp32_bs1_t1"]]

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance, save_results  # noqa: E402
+from readme import zoo_table  # noqa: E402
 
 from edgecompress import quantize, schemes, targets  # noqa: E402
 from edgecompress.kernels import kernel_report, macs_per_image  # noqa: E402
@@ -165,20 +166,7 @@ def table(result: dict) -> str:
     lines = ["# Students for photos (224-px zoo)", ""]
     if "zoo" in result:
         lines += ["224x224 RGB, 1,000 classes; ONNX Runtime p50 ms (fp32 / int8 QDQ, x86-cpu scheme); "
-                  f"t1 = 1 thread, t{os.cpu_count()} = every core.", "",
-                  "| student | params | MMACs | bs1 t1 fp32 / int8 | bs16 t1 fp32 / int8 | "
-                  f"bs1 t{os.cpu_count()} fp32 / int8 | bs16 t{os.cpu_count()} fp32 / int8 | int8 layers | "
-                  "float between int8 kernels |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in result["zoo"]:
-            cells = []
-            for threads in (1, os.cpu_count()):
-                for batch in (1, 16):
-                    t = r["p50_ms"]
-                    cells.append(f"{t[f'fp32_bs{batch}_t{threads}']:.2f} / {t[f'int8_bs{batch}_t{threads}']:.2f}")
-            ops = ", ".join(f"{op} x{n}" for op, n in r["dequantized_ops"].items()) or "-"
-            lines.append(f"| {r['name']} | {r['params']:,} | {r['mmacs']} | {' | '.join(cells)} | "
-                         f"{r['int8_layers']}/{r['int8_layers'] + r['float_layers']} | {ops} |")
-        lines.append("")
+                  f"t1 = 1 thread, t{result['provenance']['host']['cores']} = every core.", "", *zoo_table(result), ""]
     if "distill" in result:
         d = result["distill"]
         t = d["top1"]
