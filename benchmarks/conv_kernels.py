@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance, save_results  # noqa: E402
 
-from edgecompress import quantize, schemes, targets  # noqa: E402
+from edgecompress import backends, quantize, targets  # noqa: E402
 
 # The default student's 3x3 convolutions with equal channels in and out (resnet_fast_100: 48-96-192 on 14-7-4).
 DEFAULT_STUDENT_LAYERS = {(48, 14), (96, 7), (192, 4)}
@@ -62,7 +62,7 @@ def measure(channels: int, size: int, work: Path, sessions: int) -> list[dict]:
                       input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     quantize.quantize_qdq(fp32, int8, torch.rand(64, channels, size, size), "minmax",
-                          schemes.for_target(targets.load("x86-cpu")))
+                          backends.scheme_for(targets.load("x86-cpu")))
     ops = 2 * channels * channels * 9 * size * size
     rows = []
     for batch in (1, 64):

@@ -84,7 +84,7 @@ def history_rate(run: Path) -> list[float]:
 def ort_cuda(run: Path, size: int) -> dict:
     import onnxruntime as ort
 
-    from edgecompress.runners import OrtRunner
+    from edgecompress.backends.onnxruntime import OrtRunner
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return {"absent": f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu)"}

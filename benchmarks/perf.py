@@ -37,7 +37,8 @@ from edgecompress import files, quantize
 from edgecompress.kernels import macs_per_image
 from edgecompress.models.loaders import build_model
 from edgecompress.runner import RunContext, open_run
-from edgecompress.runners import OrtRunner, TorchRunner
+from edgecompress.backends.onnxruntime import OrtRunner
+from edgecompress.runners import TorchRunner
 from edgecompress.verify import time_runs
 
 SECTIONS = ("e2e", "inference", "peaks", "distill")

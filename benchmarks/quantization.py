@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecompress import config as cfg
-from edgecompress import data, files, quantize, schemes, sensitivity, targets
+from edgecompress import backends, data, files, quantize, sensitivity, targets
 from edgecompress.distillers import kd_loss
 from edgecompress.models import ZOO, Normalized, create
 from edgecompress.models.loaders import WEIGHTS_DIR, load_teacher
@@ -112,7 +112,7 @@ def compare(name: str, model: torch.nn.Module, fm: data.Dataset, calibration: to
     default_top1 = float(eval_correct(default_path, fm).mean())
     (work / slug).mkdir()
     began = time.perf_counter()
-    search = quantize.search_int8(model, spec, fp32, schemes.for_target(targets.load("x86-cpu")), conf, calibration,
+    search = quantize.search_int8(model, spec, fp32, backends.scheme_for(targets.load("x86-cpu")), conf, calibration,
                                   judge, budget, 17, qat_inputs, work / slug, print, lambda *a, **k: NoBar(None))
     ours_seconds = time.perf_counter() - began
     final = search.chosen()
@@ -147,7 +147,7 @@ def calibration_seeds(model: Normalized, fm: data.Dataset, seeds: list[int], tea
     spec = {"input_shape": [1, 28, 28], "mean": model.mean_values, "std": model.std_values, "classes": fm.classes}
     fp32 = work / "seeds.fp32.onnx"
     quantize.export_onnx(model, spec, 17, fp32)
-    scheme, conf = schemes.for_target(targets.load("x86-cpu")), cfg.QuantizeConfig()
+    scheme, conf = backends.scheme_for(targets.load("x86-cpu")), cfg.QuantizeConfig()
     rows = []
     for seed in seeds:
         calib_idx, select_idx, probe_idx, _ = quantize.split_training_images(fm.y_train, conf, seed)
@@ -191,7 +191,7 @@ def activation_latency(model: torch.nn.Module, fm: data.Dataset, calibration: to
     x86 = targets.load("x86-cpu")
     out = {}
     for activation in ("uint8", "int8"):
-        scheme = schemes.x86_cpu(dataclasses.replace(x86, activation_type=activation))
+        scheme = backends.onnxruntime.x86_scheme(dataclasses.replace(x86, activation_type=activation))
         path = work / f"latency.{activation}.onnx"
         quantize.quantize_qdq(fp32, path, calibration, "minmax", scheme)
         out[activation] = {f"bs{b}": round(sensitivity.median_latency_ms(

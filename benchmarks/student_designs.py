@@ -34,11 +34,11 @@ from edgecompress.kernels import macs_per_image  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data as datasets  # noqa: E402
-from edgecompress import quantize, schemes, targets  # noqa: E402
+from edgecompress import backends, quantize, targets  # noqa: E402
 from edgecompress.models import Normalized, count_params, create  # noqa: E402
 from edgecompress.models.resnet import ResNet  # noqa: E402
 from edgecompress.progress import NoBar  # noqa: E402
-from edgecompress.runners import OrtRunner  # noqa: E402
+from edgecompress.backends.onnxruntime import OrtRunner  # noqa: E402
 
 # name: (stem width, stage widths, stage strides)
 VARIANTS = {
@@ -113,7 +113,7 @@ def screen(design: str, ds: datasets.Dataset, target, work: Path, rounds: int) -
     fp32, int8 = work / f"{name}.fp32.onnx", work / f"{name}.int8.onnx"
     quantize.export_onnx(Normalized(net, mean, std).eval(), spec, target.opset, fp32)
     calibration = ds.x_train[datasets.stratified_sample(ds.y_train, 256, 0)]
-    quantize.quantize_qdq(fp32, int8, calibration, "minmax", schemes.for_target(target))
+    quantize.quantize_qdq(fp32, int8, calibration, "minmax", backends.scheme_for(target))
     row = {"design": design, "params": count_params(net), "mmac": round(macs_per_image(fp32) / 1e6, 2),
            "train_step_ms": round(step, 1)}
     for batch in (1, 64):

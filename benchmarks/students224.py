@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance, save_results  # noqa: E402
 from readme import zoo_table  # noqa: E402
 
-from edgecompress import quantize, schemes, targets  # noqa: E402
+from edgecompress import backends, quantize, targets  # noqa: E402
 from edgecompress.kernels import kernel_report, macs_per_image  # noqa: E402
 from edgecompress.models import count_params, libraries  # noqa: E402
 from edgecompress.models.loaders import build_model  # noqa: E402
 from edgecompress.progress import NoBar  # noqa: E402
-from edgecompress.runners import OrtRunner, TorchRunner  # noqa: E402
+from edgecompress.backends.onnxruntime import OrtRunner  # noqa: E402
+from edgecompress.runners import TorchRunner  # noqa: E402
 from edgecompress.select import fashion_photos  # noqa: E402
 from edgecompress.verify import time_runs  # noqa: E402
 
@@ -59,7 +60,7 @@ def p50(make_runner, images: torch.Tensor, batch: int, runs: int, seconds: float
 
 def zoo(work: Path) -> list[dict]:
     calibration, images = fashion_photos((224, 224), 64, 32, 0)
-    scheme = schemes.for_target(targets.load("x86-cpu"))
+    scheme = backends.scheme_for(targets.load("x86-cpu"))
     classes = [str(i) for i in range(1000)]
     spec = {"input_shape": [3, 224, 224], "mean": MEAN, "std": STD, "classes": classes}
     rows = []

@@ -180,12 +180,10 @@ class OnnxTeacher(nn.Module):
 
     def _session(self, threads: int):
         if threads not in self.sessions:
-            import onnxruntime as ort
+            from edgecompress.backends.onnxruntime import session
 
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
             try:
-                self.sessions[threads] = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+                self.sessions[threads] = session(self.path, threads)
             except Exception as exc:  # ORT raises its own exception types for unsupported graphs
                 raise BadInput(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0][:200]}") from None
         return self.sessions[threads]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import edgecompress
 
+from . import backends
 from . import config as cfg
 from .errors import BadInput, StageFailed
 
@@ -72,9 +73,7 @@ def mounts(run_dir: Path, config: cfg.RunConfig | None = None) -> list[Path]:
 def run_commands(target, run_dir: Path) -> list[list[str]]:
     run_dir = run_dir.resolve()
     base = ["docker", "run", "--rm", "--platform", target.docker.platform, "--user", f"{os.getuid()}:{os.getgid()}"]
-    if target.runtime == "tensorrt":
-        # Jetson's container runtime exposes the integrated GPU and DLA; a dGPU host uses the toolkit's --gpus
-        base += ["--runtime", "nvidia"] if target.docker.platform == "linux/arm64" else ["--gpus", "all"]
+    base += backends.for_target(target).docker_run_flags(target)  # device access: GPU, DLA, their groups
     config = _run_config(run_dir)
     for path in mounts(run_dir, config):
         base += ["-v", f"{path}:{path}" + ("" if path == run_dir else ":ro")]

@@ -16,14 +16,13 @@ def optimized_graph(path: Path, threads: int = 1, providers: tuple[str, ...] = (
                     settings=None):
     """The graph ONNX Runtime runs after its optimisations (the target's level), as an onnx.GraphProto."""
     import onnx
-    import onnxruntime as ort
 
-    from .runners import ort_session_options
+    from .backends.onnxruntime import ort_session_options, session
 
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort_session_options(threads, settings)
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), opts, providers=list(providers))
+        session(path, threads, providers, options=opts)
         return onnx.load(opts.optimized_model_filepath).graph
 
 
@@ -54,6 +53,8 @@ def macs_per_image(path: Path) -> int:
     import onnx
     import onnxruntime as ort
 
+    from .backends.onnxruntime import ort_session_options, session
+
     model = onnx.load(str(path))
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     layers = [n for n in model.graph.node if n.op_type == "Conv"
@@ -62,13 +63,13 @@ def macs_per_image(path: Path) -> int:
     for node in layers:
         if node.output[0] not in listed:
             model.graph.output.add().name = node.output[0]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level, opts.log_severity_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0]
+    opts = ort_session_options(1)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    run = session(model.SerializeToString(), 1, options=opts)
+    feed = run.get_inputs()[0]
     blank = np.zeros([1, *[d if isinstance(d, int) else 1 for d in feed.shape[1:]]], dtype=np.float32)
-    names = [o.name for o in session.get_outputs()]
-    shapes = dict(zip(names, (a.shape for a in session.run(names, {feed.name: blank}))))
+    names = [o.name for o in run.get_outputs()]
+    shapes = dict(zip(names, (a.shape for a in run.run(names, {feed.name: blank}))))
     total = 0
     for node in layers:
         if node.op_type == "Conv":

@@ -19,11 +19,11 @@ from onnx import numpy_helper
 from edgecompress.models.loaders import build_model
 
 from . import data as datasets
-from . import distill, files, inputfold, schemes, sensitivity
+from . import backends, distill, files, inputfold, schemes, sensitivity
 from .errors import BadInput, StageFailed
-from .qdq_check import check_tensorrt_qdq
 from .runner import RunContext, Stage
-from .runners import OrtRunner, TorchRunner, predict
+from .backends.onnxruntime import OrtRunner
+from .runners import TorchRunner, predict
 
 
 def load_student(path: Path, student_spec: str) -> tuple[torch.nn.Module, dict]:
@@ -85,7 +85,7 @@ ARTIFACT_NAMES = {"int8": "student.int8.onnx", "fp16": "student.fp16.onnx", "fp3
 
 def artifact_path(out: Path, target) -> Path:
     """Where the quantize stage leaves the model the export stage reads, for a target's precision."""
-    return out / "quantize" / ARTIFACT_NAMES[schemes.for_target(target).precision]
+    return out / "quantize" / ARTIFACT_NAMES[backends.scheme_for(target).precision]
 
 
 def quantizable_nodes(model_path: Path) -> list[str]:
@@ -345,6 +345,8 @@ class Quantizer:
             proto = onnx.load(str(tmp))
             folded = inputfold.fold_input_normalization(proto)
             float_outputs(proto)
+            if scheme.graph_edit:  # the runtime's own Q/DQ placement (e.g. TensorRT's residual Adds)
+                backends.QDQ_EDITS[scheme.graph_edit](proto)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
         return folded
@@ -436,7 +438,7 @@ def top1(logits: np.ndarray, labels: torch.Tensor) -> float:
 def inputs(ctx: RunContext) -> dict:
     return {"quantize": ctx.config.quantize.__dict__, "seed": ctx.config.seed, "data": ctx.data.sha256_16,
             "student": ctx.out / "distill" / "student.pt", "opset": ctx.target.opset,
-            "scheme": schemes.for_target(ctx.target).to_dict(), "budgets": ctx.target.budgets.__dict__,
+            "scheme": backends.scheme_for(ctx.target).to_dict(), "budgets": ctx.target.budgets.__dict__,
             "threads": ctx.target.threads, **ctx.teacher_inputs}
 
 
@@ -540,7 +542,7 @@ def split_training_images(labels: torch.Tensor, conf, seed: int) -> tuple[torch.
 
 def run(ctx: RunContext) -> Path:
     conf, target, ds = ctx.config.quantize, ctx.target, ctx.data
-    scheme = schemes.for_target(target)
+    scheme = backends.scheme_for(target)
     out_dir = ctx.stage_dir("quantize")
     model, spec = load_student(ctx.out / "distill" / "student.pt", ctx.config.distill.student)
     fp32_path, artifact = out_dir / ARTIFACT_NAMES["fp32"], out_dir / ARTIFACT_NAMES[scheme.precision]
@@ -581,11 +583,10 @@ def run(ctx: RunContext) -> Path:
         final = search.chosen()
         with files.atomic_path(artifact) as tmp:
             shutil.copyfile(final["path"], tmp)
-        if target.runtime == "tensorrt":
-            violations = check_tensorrt_qdq(artifact)
-            if violations:
-                raise StageFailed(f"the int8 model breaks TensorRT's Q/DQ rules: {violations[0]}"
-                                  f"{f' (and {len(violations) - 1} more)' if len(violations) > 1 else ''}")
+        violations = backends.for_target(target).check_quantized(artifact)  # the runtime's own rules, if any
+        if violations:
+            raise StageFailed(f"the int8 model breaks {target.runtime}'s rules: {violations[0]}"
+                              f"{f' (and {len(violations) - 1} more)' if len(violations) > 1 else ''}")
         for entry in search.tries:
             del entry["path"]
     counts = np.bincount(ds.y_train[calib_idx].numpy(), minlength=ds.num_classes).tolist()
@@ -593,7 +594,7 @@ def run(ctx: RunContext) -> Path:
         "scheme": scheme.to_dict(), "format": "QDQ", "method": final["calibration"], "samples": len(calib_idx),
         "samples_per_class": dict(zip(ds.classes, counts)), "seed": seed,
         "activations": scheme.activation_type, "weights": scheme.weight_type, "per_channel": scheme.per_channel,
-        "tensorrt_qdq_check": "passed" if target.runtime == "tensorrt" else "not applicable",
+        "runtime_check": {"runtime": target.runtime, "violations": []},
         "teacher_selection_top1": teacher_top1, "fp32_selection_top1": budget.fp32_top1,
         "fp32_latency_bs1_ms": round(search.fp32_latency, 4),
         "budget": {"max_drop_vs_fp32_pt": conf.max_drop_vs_fp32, "max_drop_vs_teacher_pt": budget.max_drop_vs_teacher,

@@ -1,15 +1,12 @@
 """Runners behind one interface (Polygraphy-style): `runner(x: float32 NCHW array) -> logits array`.
 
-Each runner owns its session and thread settings, so the comparator can feed every runtime the same data.
+Each runner owns its session and thread settings, so the comparator can feed every runtime the same data. The
+PyTorch runner is here; each runtime's runner lives in its backend (backends/onnxruntime.py: OrtRunner).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-
-from edgecompress.targets import OnnxRuntimeOptions
 
 from . import data as datasets
 
@@ -32,56 +29,6 @@ class TorchRunner:
 
     def settings(self) -> dict:
         return {"runtime": self.runtime, "intra_op_threads": self.threads, "torch": torch.__version__}
-
-
-ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-              "all": "ORT_ENABLE_ALL"}
-
-
-def ort_session_options(threads: int, settings=None):
-    """Session options with `threads` intra-op threads and a target's [onnxruntime] settings (defaults: every
-    graph optimisation, spinning allowed: ONNX Runtime's own defaults)."""
-    import onnxruntime as ort
-
-    settings = settings or OnnxRuntimeOptions()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[settings.graph_optimization_level])
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
-    opts.log_severity_level = 3
-    return opts
-
-
-def ort_settings_record(threads: int, providers: list[str], settings=None) -> dict:
-    """What a session made by ort_session_options runs with, for reports."""
-    import onnxruntime as ort
-
-    settings = settings or OnnxRuntimeOptions()
-    return {"onnxruntime": ort.__version__, "providers": list(providers), "intra_op_num_threads": threads,
-            "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
-            "graph_optimization_level": ORT_LEVELS[settings.graph_optimization_level],
-            "allow_spinning": settings.allow_spinning}
-
-
-class OrtRunner:
-    """ONNX Runtime with the target's execution providers, thread count and [onnxruntime] settings."""
-
-    def __init__(self, path: Path, threads: int, runtime: str, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 settings=None):
-        import onnxruntime as ort
-
-        self.path, self.threads, self.runtime, self.providers = path, threads, runtime, list(providers)
-        self.ort_settings = settings
-        self.session = ort.InferenceSession(str(path), ort_session_options(threads, settings), providers=self.providers)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def settings(self) -> dict:
-        return {"runtime": self.runtime} | ort_settings_record(self.threads, self.providers, self.ort_settings)
 
 
 def predict(runner, x: torch.Tensor, batch: int, progress=None) -> np.ndarray:

@@ -22,11 +22,11 @@ from edgecompress.models.loaders import build_model
 
 from . import config as cfg
 from . import data as datasets
-from . import files, quantize, schemes
+from . import backends, files, quantize
 from .errors import BadInput, StageFailed
 from .kernels import kernel_report, macs_per_image
 from .runner import RunContext, digest
-from .runners import OrtRunner
+from .backends.onnxruntime import OrtRunner
 from .verify import time_runs
 
 CALIBRATION_IMAGES = 64  # enough to set scales; the candidates' accuracy is not what is measured
@@ -66,7 +66,7 @@ def measure_student(model: torch.nn.Module, name: str, input_shape: tuple[int, i
     (int8 QDQ calibrated on `calibration`, fp16 or fp32), timed on `images` on this host; with `kernels`, also its
     MACs and which layers ONNX Runtime runs in int8."""
     spec = {"input_shape": list(input_shape), "mean": mean, "std": std, "classes": list(classes)}
-    scheme = schemes.for_target(target)
+    scheme = backends.scheme_for(target)
     stem = name.replace(":", "-")  # torchvision:NAME
     fp32, artifact = workdir / f"{stem}.fp32.onnx", workdir / f"{stem}.{scheme.precision}.onnx"
     quantize.export_onnx(model.eval(), spec, target.opset, fp32)
@@ -112,7 +112,7 @@ def select_student(ctx: RunContext) -> dict:
     """Measure the candidates (or reuse select/selection.json, measured for the same target, data shape and
     host), choose for the budget, set ctx.config.distill.student to the choice, and return the record."""
     budget, target, ds = latency_budget(ctx), ctx.target, ctx.data
-    if not target.runtime.startswith("onnxruntime"):
+    if not backends.for_target(target).times_on_host:
         raise BadInput(f"--student auto times the candidates with ONNX Runtime on this host; target {target.name} "
                        f"runs {target.runtime}: name a student with --student")
     batch = target.batch[0]
@@ -154,7 +154,7 @@ def zoo_at(size: tuple[int, int], target, num_classes: int, seed: int, progress)
     """The students `--student auto` considers for RGB images of `size`, each built with `num_classes` outputs
     and measured as the target's artifact on this host (params, MACs, p50 at batch 1, int8 kernel coverage),
     calibrated and timed on real Fashion-MNIST images brought to that size."""
-    if not target.runtime.startswith("onnxruntime"):
+    if not backends.for_target(target).times_on_host:
         raise BadInput(f"the zoo is timed with ONNX Runtime on this host; target {target.name} runs {target.runtime}")
     calibration, images = fashion_photos(size, CALIBRATION_IMAGES, 64, seed)
     classes, mean, std = [str(i) for i in range(num_classes)], [0.5] * 3, [0.25] * 3

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from . import data as datasets
-from .runners import OrtRunner, predict
+from .backends.onnxruntime import OrtRunner
+from .runners import predict
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

@@ -19,10 +19,12 @@ from edgecompress.models import count_params
 
 from . import config as cfg
 from . import data as datasets
-from . import export, files, kernels, report, stats
+from . import backends, export, files, kernels, report, stats
+from .backends.common import onnx_format, runtime_label
 from .check import SCHEMA, SUBJECTS
 from .runner import RunContext, Stage
-from .runners import OrtRunner, TorchRunner, predict
+from .backends.onnxruntime import OrtRunner
+from .runners import TorchRunner, predict
 
 TOP_K = 5  # top-5 accuracy is reported when there are more than TOP_K classes
 MIN_TIMED_SECONDS = 1.0  # per model and batch size, unless the run config's [verify] sets latency_min_seconds
@@ -177,21 +179,6 @@ def onnx_params(path: Path) -> int:
     return int(sum(np.prod(t.dims) for t in graph.initializer if len(t.dims) > 0 and t.data_type in (1, 2, 3, 10)))
 
 
-def onnx_format(path: Path) -> str:
-    """What the ONNX file holds, read from its graph: onnx-qdq-int8, onnx-int8 (QOperator), onnx-fp16 or onnx-fp32."""
-    import onnx
-
-    graph = onnx.load(str(path)).graph
-    ops = {n.op_type for n in graph.node}
-    if "QuantizeLinear" in ops and "DequantizeLinear" in ops:
-        return "onnx-qdq-int8"
-    if any(op.startswith("QLinear") or op.endswith("Integer") for op in ops):
-        return "onnx-int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
-        return "onnx-fp16"
-    return "onnx-fp32"
-
-
 def inputs(ctx: RunContext) -> dict:
     target = ctx.target
     return {"verify": ctx.config.verify.__dict__, "target": target.to_dict() | {"source": ""},
@@ -207,25 +194,26 @@ def run(ctx: RunContext) -> Path:
     out_dir = ctx.stage_dir("verify")
     teacher_model, teacher_info = ctx.teacher
     build = export.build_record(ctx)  # what the export stage made, and what it says to run here in its place
-    artifact_path = export.artifact_path(ctx)
+    # what this host runs as the artifact: the target's own runtime where it can, else a stand-in the report names
+    artifact = backends.for_target(target).artifact_runner(ctx, build)
+    artifact_path = artifact.path
     student_path = ctx.out / "quantize" / "student.fp32.onnx"
     # read from the file itself, so an artifact replaced after export is reported as what it is; an .ort file
-    # (a flatbuffer onnx cannot read) keeps export's word
+    # (a flatbuffer onnx cannot read) or an engine keeps the backend's word
     formats = {"student_fp32": onnx_format(student_path),
-               "artifact": onnx_format(artifact_path) if artifact_path.suffix == ".onnx" else build["format"]}
-    runtimes = {name: export.runtime_label(fmt) for name, fmt in formats.items()}
+               "artifact": onnx_format(artifact_path) if artifact_path.suffix == ".onnx" else
+               artifact.file_format or build["format"]}
+    student_runtime = runtime_label(formats["student_fp32"])
     providers = tuple(build["verify_with"]["providers"])
     cores = os.cpu_count() or 1
     # Accuracy does not depend on threads, so it runs on every core; latency runs with the target's threads.
     # Latency runs each time in fresh sessions (make_timed) with the target's threads and providers.
     subjects = {
         "teacher": (TorchRunner(teacher_model, cores), lambda: TorchRunner(teacher_model, target.threads)),
-        "student_fp32": (OrtRunner(student_path, cores, runtimes["student_fp32"]),
-                         lambda: OrtRunner(student_path, target.threads, runtimes["student_fp32"], providers,
+        "student_fp32": (OrtRunner(student_path, cores, student_runtime),
+                         lambda: OrtRunner(student_path, target.threads, student_runtime, providers,
                                            target.onnxruntime)),
-        "artifact": (OrtRunner(artifact_path, cores, runtimes["artifact"]),
-                     lambda: OrtRunner(artifact_path, target.threads, runtimes["artifact"], providers,
-                                       target.onnxruntime)),
+        "artifact": (artifact.make(cores), lambda: artifact.make(target.threads)),
     }
     labels = ds.y_eval.numpy().astype(np.int64)
     results, logits, timings, session_runs = {}, {}, {}, {}
@@ -266,8 +254,15 @@ def run(ctx: RunContext) -> Path:
     if "int8" in formats["artifact"] and artifact_path.suffix == ".onnx":
         results["artifact"]["kernels"] = kernels.kernel_report(artifact_path, target.threads, providers,
                                                                     target.onnxruntime)
-    if "note" in build["verify_with"]:  # e.g. ONNX Runtime measuring the graph a TensorRT engine is built from
-        results["artifact"]["measured_with"] = build["verify_with"]["note"]
+    if artifact.note:  # e.g. ONNX Runtime measuring the graph a TensorRT engine is built from
+        results["artifact"]["measured_with"] = artifact.note
+    if artifact.reference:  # the artifact's runtime against ONNX Runtime on the graph it was built from
+        reference = predict(artifact.reference(cores), ds.x_eval, conf.eval_batch)
+        results["artifact"]["matches_onnxruntime"] = {
+            "max_abs_diff": float(np.abs(reference - logits["artifact"]).max()),
+            "top1_agreement": float((reference.argmax(1) == logits["artifact"].argmax(1)).mean()),
+            "images": len(reference)}
+    results["artifact"] |= artifact.extra
 
     bs1 = f"bs{target.batch[0]}"
     speedup = results["teacher"]["latency_ms"][bs1]["p50"] / results["artifact"]["latency_ms"][bs1]["p50"]
@@ -276,8 +271,8 @@ def run(ctx: RunContext) -> Path:
     failed = []
     if drop > budgets.max_accuracy_drop:
         failed.append(f"accuracy drop {drop:.2f} pt > max_accuracy_drop {budgets.max_accuracy_drop}")
-    # ONNX Runtime on this host stands in for TensorRT: its latency says nothing about the device's
-    on_device = build["runtime"] != "tensorrt"
+    # a stand-in runtime's latency (ONNX Runtime on this host for a TensorRT engine) says nothing about the device's
+    on_device = artifact.on_target
     if not on_device and (budgets.max_latency_ms or budgets.min_speedup):
         build["unverified"].append("latency budgets (max_latency_ms, min_speedup): need the engine's latency on the "
                                    "device")

@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6 is Ubuntu 22.04): the same
 from edgecompress.errors import BadInput
 
 PROFILE_DIR = Path(__file__).parent
-RUNTIMES = ("onnxruntime", "onnxruntime-mobile", "tensorrt")
+RUNTIMES = ("onnxruntime", "onnxruntime-mobile", "tensorrt")  # edgecompress.backends.BACKENDS' names (a test checks)
 PRECISIONS = ("int8", "fp16", "fp32")
 QUANT_TYPES = ("uint8", "int8")
 PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -182,6 +182,11 @@ def _check_tensorrt(options: TensorRTOptions, precision: str, where: str) -> Non
     if options.dla_core >= 0:
         if precision == "fp32":
             raise BadInput(f"{where}: DLA runs int8 or fp16 only: set precision to int8 or fp16, or dla_core = -1")
+        if precision == "int8":
+            # TensorRT builds int8 on DLA only from calibration scales (implicit quantization), never from the
+            # explicit Q/DQ graph this pipeline makes ("DLA does not support explicit quantization")
+            raise BadInput(f"{where}: int8 on DLA needs TensorRT's implicit quantization, and edgecompress makes "
+                           "explicit Q/DQ graphs: set precision = \"fp16\" on DLA, or dla_core = -1 for int8 on the GPU")
         if options.min_batch != options.max_batch:
             # TensorRT's DLA restrictions: no dynamic dimensions, so the profile must be one shape.
             raise BadInput(f"{where}: DLA needs a fixed shape: set min_batch = opt_batch = max_batch")
@@ -191,6 +196,9 @@ def _check_tensorrt(options: TensorRTOptions, precision: str, where: str) -> Non
 
 
 def _build(raw: dict, where: str) -> Target:
+    # the runtimes and what each builds are the backends' word (imported here: the backends read profiles' fields)
+    from edgecompress import backends
+
     _unknown(raw, Target, where)
     for required in ("name", "description", "runtime"):
         if required not in raw:
@@ -229,17 +237,23 @@ def _build(raw: dict, where: str) -> Target:
     budgets = tables.get("budgets", {})
     _check_budgets(budgets, f"{where} [budgets]")
     precision = values.get("precision", "int8")
-    if values["runtime"] != "tensorrt" and precision == "fp16":
-        raise BadInput(f"{where}: precision = 'fp16' needs runtime = 'tensorrt'; "
-                       f"for {values['runtime']} choose int8 or fp32")
+    backend = backends.get(values["runtime"])
+    if precision not in backend.precisions:
+        builds = [name for name, b in backends.BACKENDS.items() if precision in b.precisions]
+        raise BadInput(f"{where}: precision = '{precision}' needs runtime = '{' or '.join(builds)}'; "
+                       f"for {values['runtime']} choose {' or '.join(backend.precisions)}")
     tensorrt = None
-    if values["runtime"] == "tensorrt":
+    if backend.options_table == "tensorrt":
         tensorrt = TensorRTOptions(**tables.get("tensorrt", {}))
         _check_tensorrt(tensorrt, precision, f"{where} [tensorrt]")
-        if max(values.get("batch", (1, 64))) > tensorrt.max_batch:
-            raise BadInput(f"{where}: batch sizes must not exceed [tensorrt] max_batch = {tensorrt.max_batch}")
+        batches = values.get("batch", Target.batch)
+        if max(batches) > tensorrt.max_batch or min(batches) < tensorrt.min_batch:
+            raise BadInput(f"{where}: batch sizes {list(batches)} must lie within the engine's profile, [tensorrt] "
+                           f"min_batch = {tensorrt.min_batch} to max_batch = {tensorrt.max_batch}")
     elif "tensorrt" in tables:
-        raise BadInput(f"{where}: a [tensorrt] table needs runtime = 'tensorrt' (runtime is {values['runtime']!r})")
+        needs = [name for name, b in backends.BACKENDS.items() if b.options_table == "tensorrt"]
+        raise BadInput(f"{where}: a [tensorrt] table needs runtime = '{' or '.join(needs)}' "
+                       f"(runtime is {values['runtime']!r})")
     onnxruntime = OnnxRuntimeOptions(**tables.get("onnxruntime", {}))
     _choice(onnxruntime.graph_optimization_level, GRAPH_OPTIMIZATION_LEVELS, "graph_optimization_level",
             f"{where} [onnxruntime]")

@@ -15,7 +15,10 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edgecompress import data, dla, export, ortmobile, quantize, tensorrt, targets
+from edgecompress import data, export, quantize, targets
+from edgecompress.backends import dla, ortmobile, tensorrt, trt_device
+from edgecompress.backends.common import compare_outputs
+from edgecompress.backends.qdq_check import unquantize_fused_add_inputs
 from edgecompress.config import RunConfig
 from edgecompress.errors import BadInput, StageFailed
 from edgecompress.models import Normalized, create
@@ -23,7 +26,7 @@ from edgecompress.quantize import export_onnx
 from edgecompress.runner import RunContext
 
 SPEC = {"input_shape": [1, 28, 28], "mean": [0.286], "std": [0.353], "classes": [str(i) for i in range(10)]}
-TENSORRT_MISSING = tensorrt.unavailable_reason()  # "" where this host has the tensorrt package and a CUDA device
+TENSORRT_MISSING = trt_device.unavailable_reason()  # "" where this host has the tensorrt package and a CUDA device
 NEEDS_NO_TENSORRT = pytest.mark.skipif(not TENSORRT_MISSING, reason="TensorRT and a CUDA device are here: export "
                                        "builds the engine (test_engine_build_on_a_cuda_device checks that path)")
 # ONNX Runtime's quantize_static arguments for TensorRT's explicit quantization (written out here so this test
@@ -56,6 +59,9 @@ def models(tmp_path_factory, small_npz) -> dict[str, Path]:
     quantize_static(str(base / "pre.onnx"), str(paths["tensorrt"]), Batches(x), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options=TENSORRT_QDQ)
+    trt = onnx.load(str(paths["tensorrt"]))  # residual Adds as TensorRT fuses them (tested in test_tensorrt.py)
+    unquantize_fused_add_inputs(trt)
+    onnx.save(trt, str(paths["tensorrt"]))
     return paths
 
 
@@ -125,7 +131,7 @@ def test_a_provider_this_build_lacks_is_recorded_not_pretended(tmp_path, small_n
 def test_compare_outputs_refuses_a_different_model(models, fashion_small_test):
     x = data.to_float(torch.from_numpy(fashion_small_test[0][:, None])).numpy()
     with pytest.raises(StageFailed, match="outputs differ"):
-        export.compare_outputs(logits(models["x86"], x), logits(models["x86"], x) + 0.01, "a test")
+        compare_outputs(logits(models["x86"], x), logits(models["x86"], x) + 0.01, "a test")
 
 
 # --- ONNX Runtime mobile ----------------------------------------------------------------------------------------
@@ -174,12 +180,15 @@ def test_profile_to_builder_settings(tmp_path, models):
     weak = tensorrt.builder_settings(trt_target(tmp_path, {"strongly_typed = true": "strongly_typed = false"}), model)
     assert weak.network_flags == () and weak.builder_flags == ("INT8",)
 
+    # DLA on TensorRT 10: what trtexec's --useDLACore sets besides the profile's FP16 (sampleEngines.cpp)
     agx = tensorrt.builder_settings(targets.load("jetson-agx-orin"), model)
-    assert agx.builder_flags == ("FP16", "GPU_FALLBACK") and agx.dla_core == 0 and agx.default_device_type == "DLA"
+    assert set(agx.builder_flags) == {"FP16", "GPU_FALLBACK", "PREFER_PRECISION_CONSTRAINTS"}
+    assert agx.dla_core == 0 and agx.default_device_type == "DLA"
     assert agx.min_shape == agx.opt_shape == agx.max_shape == (1, 1, 28, 28)  # DLA: one fixed shape
 
     no_fallback = trt_target(tmp_path, {"gpu_fallback = true": "gpu_fallback = false"}, "jetson-agx-orin")
-    assert tensorrt.builder_settings(no_fallback, model).builder_flags == ("FP16",)
+    assert set(tensorrt.builder_settings(no_fallback, model).builder_flags) == {"FP16", "DIRECT_IO",
+                                                                                 "PREFER_PRECISION_CONSTRAINTS"}
     strong_fp16 = trt_target(tmp_path, {"strongly_typed = false": "strongly_typed = true"}, "jetson-agx-orin")
     with pytest.raises(StageFailed, match="needs an fp16 graph"):
         tensorrt.builder_settings(strong_fp16, model)
@@ -190,7 +199,8 @@ def test_trtexec_lines_carry_every_setting(models):
     line = tensorrt.trtexec_build_command(tensorrt.builder_settings(targets.load("x86-nvidia"), model), "model.onnx")
     assert line == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", "--stronglyTyped",
                     "--memPoolSize=workspace:2048M", "--minShapes=input:1x1x28x28", "--optShapes=input:1x1x28x28",
-                    "--maxShapes=input:64x1x28x28", "--timingCacheFile=timing.cache"]
+                    "--maxShapes=input:64x1x28x28", "--timingCacheFile=timing.cache", "--profilingVerbosity=detailed",
+                    "--exportLayerInfo=layer_info.json", "--skipInference"]
     agx = tensorrt.builder_settings(targets.load("jetson-agx-orin"), model)
     line = tensorrt.trtexec_build_command(agx, "model.onnx")
     assert {"--fp16", "--allowGPUFallback", "--useDLACore=0", "--memPoolSize=workspace:1024M",
@@ -202,37 +212,43 @@ def test_trtexec_lines_carry_every_setting(models):
 
 # What each shipped TensorRT profile's build.json must say for the 1x28x28 student, written out from the profiles
 # (targets/*.toml) and TensorRT 10's names: workspace_mib << 20 bytes, the batch range over the input's first axis,
-# STRONGLY_TYPED for explicit Q/DQ graphs, FP16 + GPU_FALLBACK and DLA core 0 on the AGX Orin; and trtexec's
-# documented flags for the same build (--memPoolSize=workspace:<MiB>M, --minShapes/--optShapes/--maxShapes=
-# input:NxCxHxW, --stronglyTyped, --fp16, --allowGPUFallback, --useDLACore, --timingCacheFile).
+# STRONGLY_TYPED for explicit Q/DQ graphs, FP16 + GPU_FALLBACK and DLA core 0 on the AGX Orin (plus
+# PREFER_PRECISION_CONSTRAINTS, which trtexec's --useDLACore sets on 10.x); and trtexec 10.x's documented flags for
+# the same build (--memPoolSize=workspace:<MiB>M, --minShapes/--optShapes/--maxShapes=input:NxCxHxW,
+# --stronglyTyped, --fp16, --allowGPUFallback, --useDLACore, --timingCacheFile, and the builder's layer report:
+# --profilingVerbosity=detailed --exportLayerInfo=layer_info.json --skipInference).
+LAYER_INFO = " --profilingVerbosity=detailed --exportLayerInfo=layer_info.json --skipInference"
 EXPECTED_TENSORRT_BUILDS = {
     "x86-nvidia": (
         {"input_name": "input", "min_shape": [1, 1, 28, 28], "opt_shape": [1, 1, 28, 28], "max_shape": [64, 1, 28, 28],
          "strongly_typed": True, "builder_flags": [], "workspace_bytes": 2_147_483_648, "dla_core": -1,
-         "timing_cache": "timing.cache", "network_flags": ["STRONGLY_TYPED"], "default_device_type": "GPU"},
+         "timing_cache": "timing.cache", "network_flags": ["STRONGLY_TYPED"], "default_device_type": "GPU",
+         "tensorrt_major": 10, "precision": "int8", "gpu_fallback": False},
         "trtexec --onnx=model.onnx --saveEngine=model.engine --stronglyTyped --memPoolSize=workspace:2048M "
         "--minShapes=input:1x1x28x28 --optShapes=input:1x1x28x28 --maxShapes=input:64x1x28x28 "
-        "--timingCacheFile=timing.cache",
+        "--timingCacheFile=timing.cache" + LAYER_INFO,
         {"bs1": "trtexec --loadEngine=model.engine --shapes=input:1x1x28x28 --warmUp=500 --duration=10 --useSpinWait",
          "bs64": "trtexec --loadEngine=model.engine --shapes=input:64x1x28x28 --warmUp=500 --duration=10 "
                  "--useSpinWait"}),
     "jetson-orin-nano": (
         {"input_name": "input", "min_shape": [1, 1, 28, 28], "opt_shape": [1, 1, 28, 28], "max_shape": [8, 1, 28, 28],
          "strongly_typed": True, "builder_flags": [], "workspace_bytes": 536_870_912, "dla_core": -1,
-         "timing_cache": "timing.cache", "network_flags": ["STRONGLY_TYPED"], "default_device_type": "GPU"},
+         "timing_cache": "timing.cache", "network_flags": ["STRONGLY_TYPED"], "default_device_type": "GPU",
+         "tensorrt_major": 10, "precision": "int8", "gpu_fallback": False},
         "trtexec --onnx=model.onnx --saveEngine=model.engine --stronglyTyped --memPoolSize=workspace:512M "
         "--minShapes=input:1x1x28x28 --optShapes=input:1x1x28x28 --maxShapes=input:8x1x28x28 "
-        "--timingCacheFile=timing.cache",
+        "--timingCacheFile=timing.cache" + LAYER_INFO,
         {"bs1": "trtexec --loadEngine=model.engine --shapes=input:1x1x28x28 --warmUp=500 --duration=10 --useSpinWait",
          "bs8": "trtexec --loadEngine=model.engine --shapes=input:8x1x28x28 --warmUp=500 --duration=10 "
                 "--useSpinWait"}),
     "jetson-agx-orin": (
         {"input_name": "input", "min_shape": [1, 1, 28, 28], "opt_shape": [1, 1, 28, 28], "max_shape": [1, 1, 28, 28],
-         "strongly_typed": False, "builder_flags": ["FP16", "GPU_FALLBACK"], "workspace_bytes": 1_073_741_824,
-         "dla_core": 0, "timing_cache": "timing.cache", "network_flags": [], "default_device_type": "DLA"},
+         "strongly_typed": False, "builder_flags": ["FP16", "GPU_FALLBACK", "PREFER_PRECISION_CONSTRAINTS"],
+         "workspace_bytes": 1_073_741_824, "dla_core": 0, "timing_cache": "timing.cache", "network_flags": [],
+         "default_device_type": "DLA", "tensorrt_major": 10, "precision": "fp16", "gpu_fallback": True},
         "trtexec --onnx=model.onnx --saveEngine=model.engine --fp16 --allowGPUFallback --memPoolSize=workspace:1024M "
         "--useDLACore=0 --minShapes=input:1x1x28x28 --optShapes=input:1x1x28x28 --maxShapes=input:1x1x28x28 "
-        "--timingCacheFile=timing.cache",
+        "--timingCacheFile=timing.cache" + LAYER_INFO,
         {"bs1": "trtexec --loadEngine=model.engine --shapes=input:1x1x28x28 --useDLACore=0 --warmUp=500 "
                 "--duration=10 --useSpinWait"}),
 }
@@ -254,15 +270,16 @@ def test_tensorrt_export_without_tensorrt_writes_the_recipe_and_says_what_is_unv
     assert artifact == out / "model.onnx" and not (out / "model.engine").exists()  # never a fake engine
     build = json.loads((out / "build.json").read_text())
     builder, trtexec, latency = EXPECTED_TENSORRT_BUILDS[name]
-    assert build["builder"] == builder
+    assert build["builder"] | {"builder_flags": sorted(build["builder"]["builder_flags"])} == \
+        builder | {"builder_flags": sorted(builder["builder_flags"])}
     assert same_command(build["trtexec"], trtexec), build["trtexec"]
     assert set(build["trtexec_latency"]) == set(latency)
     assert all(same_command(build["trtexec_latency"][k], v) for k, v in latency.items()), build["trtexec_latency"]
     assert build["engine"] is None
     assert build["unverified"][0].startswith("tensorrt engine build: " + TENSORRT_MISSING)
-    assert build["trtexec"] in build["unverified"][0]
+    assert build["trtexec"] in build["unverified"][0] and build["by_tensorrt_version"]["10.x"]["trtexec"] == build["trtexec"]
     assert any(u.startswith(f"on-device latency ({name})") for u in build["unverified"])
-    assert build["verify_with"]["file"] == "model.onnx" and "not with the TensorRT engine" in build["verify_with"]["note"]
+    assert build["verify_with"]["file"] == "model.onnx"
     assert build["qdq_check"]["checked"] == (ctx.target.precision == "int8")
     if name.startswith("jetson"):
         report = json.loads((out / "dla_report.json").read_text())
@@ -295,11 +312,11 @@ def test_dla_report_places_each_layer_with_a_reason(models):
     assert rows["Gemm"]["device"] == "GPU" and "4-D" in rows["Gemm"]["reason"]
     assert rows["Flatten"]["device"] == "GPU"
     assert rows["QuantizeLinear"]["device"] == rows["DequantizeLinear"]["device"] == "folded"
-    # 28x28 input, two stride-2 stages: the global pool's 7x7 window fits DLA's [1, 8]
-    assert rows["GlobalAveragePool"]["device"] == "DLA" and "7x7" in rows["GlobalAveragePool"]["reason"]
+    # the parser imports a global average pool as a Reduce (average) layer, which DLA does not run
+    assert rows["GlobalAveragePool"]["device"] == "GPU" and "MAX only" in rows["GlobalAveragePool"]["reason"]
     s = report["summary"]
     assert s["dla_layers"] + s["gpu_layers"] + s["folded"] == len(report["layers"])
-    assert s["dla_segments"] == 1 and report["dla_core"] == 0
+    assert s["dla_segments"] == 1 and report["dla_core"] == 0  # the pool and the classifier end it on the GPU
 
 
 def test_dla_rules_send_out_of_range_layers_to_the_gpu():
@@ -341,12 +358,12 @@ def test_cuda_probe_counts_the_gpus_this_process_can_reach():
     except OSError:
         expected = 0
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    count = subprocess.run([sys.executable, "-c", "from edgecompress import tensorrt\n"
-                            "print(tensorrt.cuda_device_count())"], env=env, capture_output=True, text=True,
+    count = subprocess.run([sys.executable, "-c", "from edgecompress.backends import trt_device\n"
+                            "print(trt_device.cuda_device_count())"], env=env, capture_output=True, text=True,
                            timeout=120, check=True).stdout
     assert int(count) == expected
     if expected == 0:
-        assert TENSORRT_MISSING and tensorrt.unavailable_reason() == TENSORRT_MISSING
+        assert TENSORRT_MISSING and trt_device.unavailable_reason() == TENSORRT_MISSING
 
 
 @pytest.mark.cuda
@@ -356,6 +373,8 @@ def test_engine_build_on_a_cuda_device(tmp_path, small_npz, models):
     out = export.run(ctx).parent
     build = json.loads((out / "build.json").read_text())
     assert (out / "model.engine").stat().st_size > 0 and build["engine"]["engine"] == "model.engine"
+    assert build["artifact"] == "model.engine" and build["engine"]["built_on"]["device"]["compute_capability"]
+    assert json.loads((out / "layer_info.json").read_text())  # the builder's own layer report
     assert (out / "timing.cache").stat().st_size > 0
     assert not any(u.startswith("tensorrt engine build") for u in build["unverified"])
 
@@ -402,3 +421,26 @@ def test_compress_for_mobile_and_tensorrt_targets_reuses_one_distilled_student(t
         nvidia["artifact"]["measured_with"]
     assert [u.split(":")[0] for u in nvidia["unverified"]] == ["tensorrt engine build", "on-device latency (x86-nvidia)"]
     assert nvidia["budgets"]["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@pytest.mark.skipif(bool(TENSORRT_MISSING), reason=f"needs TensorRT and a CUDA device: {TENSORRT_MISSING}")
+def test_compress_for_x86_nvidia_builds_runs_and_compares_the_engine(tmp_path, small_npz, teacher_spec):
+    """On a GPU machine with TensorRT: the engine is the artifact, verify runs it (not ONNX Runtime) and compares
+    its logits with ONNX Runtime on the same Q/DQ graph."""
+    from edgecompress.cli import main
+
+    (tmp_path / "fast.toml").write_text("[distill]\nepochs = 1\n[quantize]\ncalibration_size = 100\n"
+                                        "[verify]\nlatency_runs_bs1 = 20\nlatency_runs_batch = 3\nwarmup_runs = 2\n")
+    lenient = tmp_path / "x86-nvidia.toml"
+    lenient.write_text((targets.PROFILE_DIR / "x86-nvidia.toml").read_text().replace("max_accuracy_drop = 2.0",
+                                                                                       "max_accuracy_drop = 100.0"))
+    out = tmp_path / "run"
+    assert main(["compress", "--data", str(small_npz), "--teacher", teacher_spec, "--student", "resnet_slim_050",
+                 "--config", str(tmp_path / "fast.toml"), "--target", str(lenient), "--out", str(out)]) == 0
+    report = json.loads((out / "verify" / "report.json").read_text())
+    artifact = report["artifact"]
+    assert artifact["path"] == "export/x86-nvidia/model.engine" and artifact["runtime"] == "tensorrt-int8"
+    assert "measured_with" not in artifact and artifact["matches_onnxruntime"]["top1_agreement"] > 0.95
+    assert not any(u.startswith("tensorrt engine build") for u in report["unverified"])

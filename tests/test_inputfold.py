@@ -10,11 +10,11 @@ import torch
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from edgecompress import data, schemes, targets
+from edgecompress import backends, data, targets
 from edgecompress.inputfold import fold_input_normalization
 from edgecompress.models import Normalized, create
 from edgecompress.quantize import CalibrationReader, export_onnx, quantize_qdq
-from edgecompress.runners import OrtRunner
+from edgecompress.backends.onnxruntime import OrtRunner
 
 from testkit import top1, trained_student
 
@@ -42,7 +42,7 @@ def fp32_path(tmp_path_factory, fashion):
 
 def ort_qdq(fp32_path, out, images):
     """ONNX Runtime's own QDQ quantization of the same model, with the x86 scheme's options and no fold."""
-    scheme = schemes.for_target(targets.load("x86-cpu"))
+    scheme = backends.scheme_for(targets.load("x86-cpu"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_static(str(fp32_path), str(out), CalibrationReader(images), quant_format=QuantFormat.QDQ,
@@ -78,8 +78,8 @@ def test_fold_removes_the_normalisation_and_keeps_the_function(fp32_path, images
 
 
 def test_quantize_folds_for_x86_but_not_for_tensorrt(fp32_path, images, tmp_path):
-    x86 = schemes.for_target(targets.load("x86-cpu"))
-    trt = schemes.for_target(targets.load("x86-nvidia"))
+    x86 = backends.scheme_for(targets.load("x86-cpu"))
+    trt = backends.scheme_for(targets.load("x86-nvidia"))
     quantize_qdq(fp32_path, tmp_path / "x86.onnx", images, "minmax", x86)
     quantize_qdq(fp32_path, tmp_path / "trt.onnx", images, "minmax", trt)
     assert "Sub" not in {n.op_type for n in onnx.load(str(tmp_path / "x86.onnx")).graph.node}

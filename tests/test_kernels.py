@@ -6,7 +6,7 @@ import dataclasses
 import onnx
 import torch
 
-from edgecompress import kernels, quantize, schemes, targets
+from edgecompress import backends, kernels, quantize, targets
 
 from testkit import small_run_dir
 
@@ -29,7 +29,7 @@ def test_a_layer_kept_in_float_is_named(tmp_path_factory, fashion_raw, teacher_s
     # ONNX Runtime re-quantizes a float-weight Conv between a DequantizeLinear and a QuantizeLinear (its
     # WeightBiasQuantization transformer), so the layer kept in float gets a float input too: the normalising Mul's
     # output is left unquantized.
-    scheme = dataclasses.replace(schemes.for_target(targets.load("x86-cpu")), float_outputs=("Mul",))
+    scheme = dataclasses.replace(backends.scheme_for(targets.load("x86-cpu")), float_outputs=("Mul",))
     calibration = torch.from_numpy(fashion_raw["x_train"][:64, None].copy())
     partial = tmp_path / "partial.onnx"
     quantize.quantize_qdq(fp32, partial, calibration, "minmax", scheme, exclude=[first_conv])
@@ -57,7 +57,7 @@ def test_operators_without_an_int8_kernel_are_named_by_type(tmp_path, fashion_ra
         return Gated().eval()
 
     spec = {"input_shape": [1, 28, 28], "mean": [0.0], "std": [1.0], "classes": list("abcd")}
-    scheme = schemes.for_target(targets.load("x86-cpu"))
+    scheme = backends.scheme_for(targets.load("x86-cpu"))
     calibration = torch.from_numpy(fashion_raw["x_train"][:64, None].copy())
     found = {}
     for name, activation in (("hardsigmoid", torch.nn.Hardsigmoid()), ("relu", torch.nn.ReLU())):

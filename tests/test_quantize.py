@@ -7,12 +7,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from edgecompress import data, schemes, targets
+from edgecompress import backends, data, targets
 from edgecompress.errors import BadInput
-from edgecompress.qdq_check import check_tensorrt_qdq
+from edgecompress.backends.qdq_check import check_tensorrt_qdq
 from edgecompress.kernels import optimized_graph
 from edgecompress.quantize import convert_fp16, export_onnx, float_output_names, quantize_qdq
-from edgecompress.runners import OrtRunner, TorchRunner, predict
+from edgecompress.backends.onnxruntime import OrtRunner
+from edgecompress.runners import TorchRunner, predict
 
 from edgecompress.models.loaders import WEIGHTS_DIR
 
@@ -78,7 +79,7 @@ def _zero_point_types(path) -> set[int]:
 
 def test_x86_scheme_gives_uint8_activations_and_per_channel_int8_weights(tmp_path, fashion, fp32_model, calib):
     int8 = tmp_path / "m.int8.onnx"
-    scheme = schemes.for_target(X86)
+    scheme = backends.scheme_for(X86)
     assert scheme.name == "onnxruntime-x86-qdq" and scheme.activation_type == "uint8"
     quantize_qdq(fp32_model, int8, calib, "minmax", scheme)
     assert _zero_point_types(int8) == {onnx.TensorProto.UINT8}
@@ -103,7 +104,7 @@ def test_x86_scheme_gives_uint8_activations_and_per_channel_int8_weights(tmp_pat
 @pytest.fixture(scope="module")
 def tensorrt_model(tmp_path_factory, fp32_model, calib):
     path = tmp_path_factory.mktemp("trt") / "m.trt.onnx"
-    quantize_qdq(fp32_model, path, calib, "minmax", schemes.for_target(TENSORRT))
+    quantize_qdq(fp32_model, path, calib, "minmax", backends.scheme_for(TENSORRT))
     return path
 
 
@@ -112,7 +113,7 @@ def test_tensorrt_scheme_passes_the_checker(tensorrt_model, fashion, fp32_model,
 
     assert check_tensorrt_qdq(tensorrt_model) == []
     # a fallback artifact (one conv kept in float with its input) still meets the rules
-    quantizer = Quantizer(fp32_model, tmp_path, calib, schemes.for_target(TENSORRT))
+    quantizer = Quantizer(fp32_model, tmp_path, calib, backends.scheme_for(TENSORRT))
     node, group = next((n, g) for n, g in quantizer.candidates.items() if n.endswith("stages.1.0/conv2/Conv"))
     quantizer.quantize(tmp_path / "fallback.onnx", "minmax", group)
     assert check_tensorrt_qdq(tmp_path / "fallback.onnx") == []
@@ -131,9 +132,10 @@ def test_tensorrt_scheme_passes_the_checker(tensorrt_model, fashion, fp32_model,
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n.op_type)
-    # Conv -> Relu stays unbroken (TensorRT fuses it); a conv output is quantized only as a residual Add's input
-    assert "Relu" in {op for c in convs for op in consumers[c.output[0]]}
-    assert all(consumers[c.output[0]] in (["Relu"], ["QuantizeLinear"]) for c in convs)
+    # Conv -> Relu and Conv -> residual Add stay unbroken (TensorRT fuses Conv+Add+Relu); a conv output is quantized
+    # only as the residual input of an Add (a projection shortcut)
+    assert {"Relu", "Add"} <= {op for c in convs for op in consumers[c.output[0]]}
+    assert all(consumers[c.output[0]] in (["Relu"], ["Add"], ["QuantizeLinear"]) for c in convs)
     assert_int8_computes_the_fp32_function(tensorrt_model, fp32_model, fashion)
 
 
@@ -173,14 +175,14 @@ def test_checker_catches_planted_violations(tmp_path, tensorrt_model, fp32_model
 
 
 def test_target_picks_the_scheme():
-    assert schemes.for_target(X86).name == "onnxruntime-x86-qdq"
-    assert schemes.for_target(TENSORRT).activation_symmetric and not schemes.for_target(TENSORRT).quantize_bias
+    assert backends.scheme_for(X86).name == "onnxruntime-x86-qdq"
+    assert backends.scheme_for(TENSORRT).activation_symmetric and not backends.scheme_for(TENSORRT).quantize_bias
     mobile = dataclasses.replace(X86, runtime="onnxruntime-mobile", activation_type="int8")
-    assert schemes.for_target(mobile).name == "onnxruntime-mobile-qdq" and schemes.for_target(mobile).activation_symmetric
-    assert schemes.for_target(dataclasses.replace(TENSORRT, precision="fp16")).precision == "fp16"
-    assert schemes.for_target(dataclasses.replace(X86, precision="fp32")).precision == "fp32"
-    with pytest.raises(BadInput, match="no int8 scheme for runtime 'coreml'"):
-        schemes.for_target(dataclasses.replace(X86, runtime="coreml"))
+    assert backends.scheme_for(mobile).name == "onnxruntime-mobile-qdq" and backends.scheme_for(mobile).activation_symmetric
+    assert backends.scheme_for(dataclasses.replace(TENSORRT, precision="fp16")).precision == "fp16"
+    assert backends.scheme_for(dataclasses.replace(X86, precision="fp32")).precision == "fp32"
+    with pytest.raises(BadInput, match="no backend for runtime 'coreml'"):
+        backends.scheme_for(dataclasses.replace(X86, runtime="coreml"))
 
 
 def test_fp16_keeps_fp32_inputs_and_outputs(tmp_path, fp32_model, fashion):
@@ -195,7 +197,7 @@ def test_fp16_keeps_fp32_inputs_and_outputs(tmp_path, fp32_model, fashion):
 
 
 def test_bad_calibration_is_refused_in_one_line(tmp_path, fp32_model, calib):
-    scheme = schemes.for_target(X86)
+    scheme = backends.scheme_for(X86)
     with pytest.raises(BadInput, match="calibration set is empty"):
         quantize_qdq(fp32_model, tmp_path / "q.onnx", calib[:0], "minmax", scheme)
     with pytest.raises(BadInput, match=r"calibration images have shape \(1, 32, 32\) but the model takes"):
@@ -210,7 +212,7 @@ def test_a_model_without_quantizable_nodes_is_refused(tmp_path, calib):
     path = tmp_path / "pool.onnx"
     export_onnx(Pixels(), SPEC, 17, path)
     with pytest.raises(BadInput, match="no quantizable nodes"):
-        quantize_qdq(path, tmp_path / "q.onnx", calib, "minmax", schemes.for_target(X86))
+        quantize_qdq(path, tmp_path / "q.onnx", calib, "minmax", backends.scheme_for(X86))
 
 
 def make_run(tmp_path, fashion, target_text: str, student: torch.nn.Module | None = None, config=None):
@@ -254,7 +256,7 @@ def test_stage_dispatches_on_the_target(tmp_path, fashion, trained):
     artifact = run_stage(ctx, quantize.STAGE)
     assert artifact == quantize.artifact_path(ctx.out, ctx.target) == ctx.out / "quantize" / "student.int8.onnx"
     record = json.loads((ctx.out / "quantize" / "calibration.json").read_text())
-    assert record["scheme"]["name"] == "tensorrt-explicit-qdq" and record["tensorrt_qdq_check"] == "passed"
+    assert record["scheme"]["name"] == "tensorrt-explicit-qdq" and record["runtime_check"] == {"runtime": "tensorrt", "violations": []}
     assert check_tensorrt_qdq(artifact) == []
     # bias correction is on by default, recorded, and part of the stage's fingerprint
     weighted = [n.name for n in onnx.load(str(artifact)).graph.node if n.op_type in ("Conv", "Gemm")]
@@ -311,7 +313,7 @@ def test_sensitivity_ranks_the_planted_outlier_first(tmp_path, fashion, calib):
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
     path = tmp_path / "m.onnx"
     export_onnx(model, SPEC, 17, path)
-    quantizer = Quantizer(path, tmp_path, calib, schemes.for_target(X86))
+    quantizer = Quantizer(path, tmp_path, calib, backends.scheme_for(X86))
     judge = sensitivity.Judge(path, fashion.x_eval[:200], fashion.y_eval[:200], fashion.x_train[-500:], 1,
                               ("CPUExecutionProvider",))
     ranking = sensitivity.rank_nodes(lambda p, ex: quantizer.quantize(p, "minmax", ex), quantizer.candidates, judge,
@@ -424,7 +426,7 @@ def test_qat_artifact_quantizes_with_the_trained_ranges(tmp_path, fashion, calib
     so the artifact's agreement with QAT's simulation is not that of two models answering one class throughout."""
     from edgecompress import qat, quantize
 
-    scheme = schemes.for_target(target)
+    scheme = backends.scheme_for(target)
     prepared = qat.prepare(trained_student(fashion), signed_activations=scheme.activation_symmetric)
     start = quantize.qat_start(prepared, SPEC, 17, calib, scheme, "percentile", tmp_path / "start")
     inputs = quantize.qat_layer_inputs(start, prepared)
@@ -473,7 +475,7 @@ def test_search_qat_records_a_fully_int8_try(tmp_path, fashion, calib):
                               ("CPUExecutionProvider",))
     search = quantize.Search(judge, quantize.Budget(judge.correct(path), 1.0, 0.3, 2.0), tmp_path, lambda line: None)
     inputs = quantize.QatInputs(fashion.x_train[:512], fashion.y_train[:512], lambda: torch.zeros(512, 10), 4.0, 0.5, 0)
-    quantize.search_qat(model, SPEC, schemes.for_target(X86), "percentile", config.QuantizeConfig(qat_images=256),
+    quantize.search_qat(model, SPEC, backends.scheme_for(X86), "percentile", config.QuantizeConfig(qat_images=256),
                         calib, inputs, 17, search, tmp_path,
                         lambda *a, **k: contextlib.nullcontext(SimpleNamespace(update=lambda steps: None)))
     (entry,) = search.tries
@@ -547,7 +549,7 @@ def test_bias_correction_cancels_the_mean_shift_int8_weights_cause(tmp_path, cal
     shift_conv = conv(rounded["w1"] - params["w1"]).mean(axis=(0, 2, 3))
     shift_fc = hidden.mean(0) @ (rounded["w2"] - params["w2"]).T
 
-    scheme = schemes.for_target(X86)
+    scheme = backends.scheme_for(X86)
     plain, corrected = tmp_path / "plain", tmp_path / "corrected"
     plain.mkdir(), corrected.mkdir()
     Quantizer(tmp_path / "m.onnx", plain, calib, scheme).quantize(plain / "q.onnx", "minmax")

@@ -4,7 +4,7 @@ import torch
 
 from edgecompress.models import Normalized, create
 from edgecompress.quantize import export_onnx
-from edgecompress.runners import OrtRunner
+from edgecompress.backends.onnxruntime import OrtRunner
 from edgecompress.targets import OnnxRuntimeOptions
 
 SPEC = {"input_shape": [1, 28, 28], "mean": [0.286], "std": [0.353], "classes": [str(i) for i in range(10)]}

@@ -199,7 +199,7 @@ AGX = (targets.PROFILE_DIR / "jetson-agx-orin.toml").read_text()
     (NVIDIA, "dla_core = -1", "dla_core = -2", "dla_core must be -1"),
     (NVIDIA, "strongly_typed = true", 'strongly_typed = "yes"', "strongly_typed must be bool"),
     (NVIDIA, "opt_batch = 1", "opt_batch = 128", "min_batch <= opt_batch <= max_batch"),
-    (NVIDIA, "max_batch = 64", "max_batch = 32", "must not exceed"),
+    (NVIDIA, "max_batch = 64", "max_batch = 32", "must lie within the engine's profile"),
     (NVIDIA, 'timing_cache = "timing.cache"', 'timing_cache = "../cache"', "plain file name"),
     (AGX, "max_batch = 1", "max_batch = 4", "DLA needs a fixed shape"),
     (AGX, 'precision = "fp16"', 'precision = "fp32"', "DLA runs int8 or fp16 only"),

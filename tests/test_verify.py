@@ -14,8 +14,9 @@ import torch
 from edgecompress import stats, verify
 from edgecompress.config import RunConfig
 from edgecompress.runner import RunContext
+from edgecompress.backends.common import onnx_format
 from edgecompress.verify import (MAX_TIMED_RUNS, MIN_TIMED_SECONDS, WARMUP_WINDOW, accuracy_metrics, confusion_matrix,
-                                 onnx_format, per_class_accuracy, time_runs, top_k_hits)
+                                 per_class_accuracy, time_runs, top_k_hits)
 
 from testkit import PNG_SIGNATURE, small_run_dir
 

@@ -1,5 +1,5 @@
-"""Checks that a QDQ ONNX file follows TensorRT's explicit-quantization rules (TensorRT developer guide,
-"Explicit Quantization" and "Q/DQ Layer-Placement Recommendations").
+"""TensorRT's explicit-quantization rules (TensorRT developer guide, "Explicit Quantization" and "Q/DQ
+Layer-Placement Recommendations"): the check of a QDQ ONNX file, and the one placement edit the quantizer needs.
 
 TensorRT builds an explicitly quantized engine from the Q/DQ nodes it finds and honours them exactly, so a file
 that breaks a rule either fails to build or builds with the int8 layers running in float. The rules checked:
@@ -14,6 +14,13 @@ that breaks a rule either fails to build or builds with the int8 layers running 
    coming through DequantizeLinear, or neither (kept in float on purpose); at least one is quantized; and every
    DequantizeLinear on an activation is fed by a QuantizeLinear with the same scale and zero point (a Q->DQ
    pair TensorRT folds into the op that follows).
+6. Residual Adds: a convolution's output goes into the Add unquantized and the Add's other input (the residual)
+   through Q/DQ, so TensorRT fuses Conv+Add(+Relu) into one int8 kernel; a Q/DQ pair between the convolution and
+   the Add separates them ("Q/DQ Layer-Placement Recommendations"). ONNX Runtime's quantizer puts Q/DQ on every
+   input of an Add, so `unquantize_fused_add_inputs` moves them as TensorRT recommends.
+Not violations: a Q/DQ without a zero point (ONNX's default is uint8, but TensorRT's parser takes it as int8:
+onnx-tensorrt's QuantDequantLinearHelper), and a MatMul of two quantized activations (attention: TensorRT runs it
+with per-tensor scales on both).
 """
 from __future__ import annotations
 
@@ -64,12 +71,9 @@ def check_tensorrt_qdq(onnx_path: Path | str) -> list[str]:
     bias_inputs = {n.input[2] for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2}
 
     for node in qdq:
-        if len(node.input) < 3 or not node.input[2]:
-            # without a zero point ONNX means uint8 with zero point 0
-            problems.append(f"{label(node)} has no zero point, which means uint8: TensorRT needs int8 "
-                            "(give an int8 zero point of 0)")
-            continue
-        scale, zero = consts.get(node.input[1]), consts.get(node.input[2])
+        has_zero = len(node.input) > 2 and bool(node.input[2])
+        # without a zero point TensorRT's parser assumes int8 with zero point 0 (ONNX would say uint8)
+        scale, zero = consts.get(node.input[1]), consts.get(node.input[2]) if has_zero else np.zeros(1, np.int8)
         if scale is None or zero is None:
             problems.append(f"{label(node)}: scale and zero point must be constants for TensorRT")
             continue
@@ -103,6 +107,8 @@ def check_tensorrt_qdq(onnx_path: Path | str) -> list[str]:
                             "(quantize every input of a weighted op, or none)")
             continue
         quantized_ops += 1
+        if op.op_type == "MatMul" and not _from_constant(op.input[1], consts, producer):
+            continue  # activation x activation: per-tensor scales on both, which rule 2 checks
         problems.extend(_weight_problems(op, producer[op.input[1]], consts, producer, label))
     if quantized_ops == 0:
         problems.append("no Conv/Gemm/MatMul has quantized inputs: TensorRT would run every layer in float")
@@ -115,7 +121,63 @@ def check_tensorrt_qdq(onnx_path: Path | str) -> list[str]:
                    if len(q.input) > i and len(dq.input) > i)
         if not same:
             problems.append(f"{label(q)} -> {label(dq)} use different scales or zero points")
+    for add, index in _fusable_add_inputs(graph):
+        problems.append(f"{label(add)}: its input {add.input[index]!r} is a convolution's output passed through "
+                        "Q/DQ, which blocks TensorRT's Conv+Add fusion: quantize the residual input only")
     return problems
+
+
+def _from_constant(name: str, consts: dict, producer: dict) -> bool:
+    """True when `name` is a constant, or DequantizeLinear / QuantizeLinear of one (a weight)."""
+    node = producer.get(name)
+    while node is not None and node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+        name, node = node.input[0], producer.get(node.input[0])
+    return name in consts
+
+
+def _fusable_add_inputs(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, int]]:
+    """(Add, input index) where TensorRT could fuse the Add into the convolution behind that input but a Q->DQ pair
+    sits between them: each input of the Add comes through DequantizeLinear (so the residual is int8), and behind
+    the chosen one is Conv -> Q -> DQ with no other consumer. Of two such inputs, the convolution with the larger
+    kernel (the main branch; a projection shortcut is 1x1), else the first."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    found = []
+    for add in (n for n in graph.node if n.op_type == "Add" and len(n.input) == 2):
+        dqs = [producer.get(name) for name in add.input]
+        if not all(dq is not None and dq.op_type == "DequantizeLinear" for dq in dqs):
+            continue
+        choices = []
+        for index, dq in enumerate(dqs):
+            q = producer.get(dq.input[0])
+            conv = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            single = all(consumers.get(t, 0) == 1 and t not in outputs for t in (dq.output[0], q.output[0] if q else "",
+                                                                                conv.output[0] if conv else ""))
+            if conv is not None and conv.op_type == "Conv" and single:
+                kernel = next((list(a.ints) for a in conv.attribute if a.name == "kernel_shape"), [1])
+                choices.append((-int(np.prod(kernel)), index))
+        if choices:
+            found.append((add, min(choices)[1]))
+    return found
+
+
+def unquantize_fused_add_inputs(model: onnx.ModelProto) -> int:
+    """Rule 6 applied: for each residual Add that TensorRT could fuse into a convolution, drop the Q->DQ pair
+    between that convolution and the Add (the other input keeps its Q/DQ). Returns the number of Adds changed."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    edits = _fusable_add_inputs(graph)
+    for add, index in edits:
+        dq = producer[add.input[index]]
+        q = producer[dq.input[0]]
+        add.input[index] = q.input[0]
+        graph.node.remove(dq)
+        graph.node.remove(q)
+    return len(edits)
 
 
 def _weight_problems(op, dq, consts, producer, label) -> list[str]:

@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import files
-from .errors import StageFailed
-from .export import available_providers, check_images, compare_outputs, io_description, load_session, ort_outputs
-from .runner import RunContext
-from .runners import ort_settings_record
+from .. import files
+from ..errors import StageFailed
+from ..schemes import Scheme
+from .base import ArtifactRunner, Backend, register
+from .common import check_images, compare_outputs, io_description
+from .onnxruntime import available_providers, load_session, ort_artifact_runner, ort_outputs, ort_settings_record
 
 CONFIG_NAME = "required_operators.config"
 
@@ -61,7 +62,7 @@ def required_operators(config: Path) -> dict[str, list[str]]:
     return table
 
 
-def export(ctx: RunContext, source: Path, out_dir: Path) -> dict:
+def export(ctx, source: Path, out_dir: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
@@ -102,3 +103,32 @@ def export(ctx: RunContext, source: Path, out_dir: Path) -> dict:
         "verify_with": {"file": ort_file.name, "runtime": f"onnxruntime-{target.precision}", "providers": providers},
         "unverified": unverified,
     }
+
+
+def arm_scheme(target) -> Scheme:
+    """ONNX Runtime mobile on ARM64: QDQ with the profile's activation type (uint8 asymmetric or int8
+    symmetric, both run by ORT's ARM kernels) and int8 per-channel weights."""
+    return Scheme("onnxruntime-mobile-qdq", "int8", target.activation_type, target.weight_type, target.per_channel,
+                  activation_symmetric=target.activation_type == "int8",
+                  rationale="QDQ operators that the ORT mobile (ORT format) build runs on ARM64")
+
+
+class OrtMobileBackend(Backend):
+    name = "onnxruntime-mobile"
+
+    def int8_scheme(self, target) -> Scheme:
+        return arm_scheme(target)
+
+    def export(self, ctx, source: Path, out_dir: Path) -> dict:
+        return export(ctx, source, out_dir)
+
+    def environment(self) -> dict:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__}
+
+    def artifact_runner(self, ctx, build: dict) -> ArtifactRunner:
+        return ort_artifact_runner(ctx, build)  # the .ort file, in a full ONNX Runtime on this host's CPU
+
+
+BACKEND = register(OrtMobileBackend())

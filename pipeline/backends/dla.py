@@ -1,13 +1,19 @@
 """DLA placement report for Jetson targets, predicted from the ONNX graph before any engine exists.
 
-Each node is matched against TensorRT's "DLA Supported Layers and Restrictions" (TensorRT 10 developer guide):
-layers are 4D ("2D only" spatially); Convolution / FullyConnected kernels [1, 32], strides [1, 8], padding
-[0, 31], dilation [1, 32], channels [1, 8192]; Pooling windows [1, 8], strides [1, 16], padding [0, 7];
-Activation: ReLU, Sigmoid, TanH, Clipped ReLU, Leaky ReLU; ElementWise: Sum, Sub, Product, Max, Min, Div, Pow;
-Concatenation along channels only; batch at most 4096 and other dimensions at most 8192; fixed shapes only.
+Each node is matched against TensorRT's "DLA Supported Layers and Restrictions" (TensorRT 10 developer guide and
+NvInfer.h) as TensorRT's ONNX parser imports it: layers are 4D ("2D only" spatially); Convolution / FullyConnected
+kernels [1, 32], strides [1, 8], padding [0, 31], dilation [1, 32], channels [1, 8192]; Deconvolution kernels and
+strides [1, 32], no padding, groups or dilation, output maps [1, 8192]; Pooling (max, average) windows [1, 8],
+strides [1, 16], padding [0, 7]; Reduce: MAX only, which matters because the parser imports GlobalAveragePool and
+GlobalMaxPool as Reduce layers (onnx-tensorrt's globalPoolingHelper, kAVG / kMAX), not as Pooling; Activation:
+ReLU, Sigmoid, TanH, Clipped ReLU, Leaky ReLU; ElementWise: Sum, Sub, Product, Max, Min, Div, Pow; SoftMax over a
+channel or spatial axis of at most 8192 (1024 when another non-batch dimension exceeds 1), Orin only; Resize with
+integer scales of 1 on N and C and [1, 32] (nearest) or [1, 4] (linear) on H and W; Concatenation along channels
+only; batch at most 4096 and other dimensions at most 8192; fixed shapes only.
 A node that breaks a rule runs on the GPU when GPU fallback is on. Q/DQ pairs carry scales that TensorRT folds
 into the neighbouring layers, so they are listed as folded, not placed. The builder makes the final choice on the
-device (IBuilderConfig.can_run_on_DLA; `trtexec --verbose` prints it); this report says what to expect and why.
+device (IBuilderConfig.can_run_on_DLA; the export's layer_info.json holds the engine's own account); this report
+says what to expect and why.
 """
 from __future__ import annotations
 
@@ -80,28 +86,7 @@ def place(node: onnx.NodeProto, graph: Graph) -> tuple[str, str, str]:
         if shape and (shape[0] > MAX_BATCH or any(d > MAX_DIM for d in shape[1:])):
             return "GPU", op, f"tensor {shape} exceeds DLA's batch {MAX_BATCH} / dimension {MAX_DIM} limits"
     if op in ("Conv", "ConvTranspose"):
-        kernel = attrs.get("kernel_shape") or graph.weight_shape(node.input[1])[2:]
-        layer = "Convolution" if op == "Conv" else "Deconvolution"
-        if len(kernel) != 2:
-            return "GPU", layer, f"{len(kernel)}-D kernel: DLA runs 2-D convolutions only"
-        weight = graph.weight_shape(node.input[1])
-        if not graph.is_constant(node.input[1]):
-            return "GPU", layer, "weights are not constant"
-        channels = [weight[0], weight[1] * attrs.get("group", 1)] if weight else []
-        if _out_of(channels, 1, MAX_CHANNELS):
-            return "GPU", layer, f"channels {channels} outside DLA's [1, {MAX_CHANNELS}]"
-        if _out_of(kernel, 1, 32):
-            return "GPU", layer, f"kernel {list(kernel)} outside DLA's [1, 32]"
-        if op == "ConvTranspose" and (attrs.get("group", 1) > 1 or any(p for p in attrs.get("pads", ()))
-                                      or _out_of(attrs.get("dilations", (1, 1)), 1, 1)):
-            return "GPU", layer, "DLA deconvolution takes no groups, dilation or padding"
-        if _out_of(attrs.get("strides", (1, 1)), 1, 8):
-            return "GPU", layer, f"strides {list(attrs['strides'])} outside DLA's [1, 8]"
-        if _out_of(attrs.get("pads", (0, 0, 0, 0)), 0, 31):
-            return "GPU", layer, f"padding {list(attrs['pads'])} outside DLA's [0, 31]"
-        if _out_of(attrs.get("dilations", (1, 1)), 1, 32):
-            return "GPU", layer, f"dilation {list(attrs['dilations'])} outside DLA's [1, 32]"
-        return "DLA", layer, f"{kernel[0]}x{kernel[1]} kernel, {channels[0]} output channels: within DLA's limits"
+        return _convolution(node, attrs, graph)
     if op in ("Gemm", "MatMul"):
         return "GPU", "MatrixMultiply", ("2-D matrix product: DLA layers take 4-D tensors; exporting the classifier "
                                          "as a 1x1 convolution would keep it on DLA")
@@ -110,14 +95,20 @@ def place(node: onnx.NodeProto, graph: Graph) -> tuple[str, str, str]:
     if op == "PRelu":
         return ("DLA", "ParametricReLU", "constant slope") if graph.is_constant(node.input[1]) else \
             ("GPU", "ParametricReLU", "slope is not a build-time constant")
-    if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
-        layer = f"Pooling ({'max' if 'Max' in op else 'average'})"
-        window = shape_in[2:] if op.startswith("Global") else list(attrs.get("kernel_shape", ()))
+    if op in ("GlobalAveragePool", "GlobalMaxPool"):
+        # TensorRT's ONNX parser makes these Reduce layers over H and W, and DLA reduces with MAX only
+        if op == "GlobalAveragePool":
+            return "GPU", "Reduce (average)", "the parser imports a global average pool as a Reduce layer, and DLA " \
+                                              "reduces with MAX only (an AveragePool with an HxW window stays a " \
+                                              "Pooling layer)"
+        return "DLA", "Reduce (max)", "a global max pool is a Reduce MAX layer over H and W: DLA runs it"
+    if op in ("MaxPool", "AveragePool"):
+        layer = f"Pooling ({'max' if op == 'MaxPool' else 'average'})"
+        window = list(attrs.get("kernel_shape", ()))
         if len(window) != 2:
             return "GPU", layer, "DLA pools over 2-D windows only"
         if _out_of(window, 1, 8):
-            return "GPU", layer, f"window {window} outside DLA's [1, 8]" + (
-                " (a global pool spans the whole feature map)" if op.startswith("Global") else "")
+            return "GPU", layer, f"window {window} outside DLA's [1, 8]"
         if _out_of(attrs.get("strides", (1, 1)), 1, 16) or _out_of(attrs.get("pads", (0, 0, 0, 0)), 0, 7):
             return "GPU", layer, "strides outside [1, 16] or padding outside [0, 7]"
         return "DLA", layer, f"{window[0]}x{window[1]} window: within DLA's limits"
@@ -140,14 +131,74 @@ def place(node: onnx.NodeProto, graph: Graph) -> tuple[str, str, str]:
             return "DLA", "Shuffle", "4-D in and out"
         return "GPU", "Shuffle", f"rank {len(shape_in)} -> {len(shape_out)}: DLA shuffles keep 4-D tensors"
     if op == "Softmax":
-        return ("DLA", "SoftMax", "channel axis of a 4-D tensor") if len(shape_in) == 4 and \
-            attrs.get("axis", -1) % 4 == 1 else ("GPU", "SoftMax", "DLA's softmax runs over channels of 4-D tensors")
+        return _softmax(attrs, shape_in)
     if op == "Resize":
-        mode = attrs.get("mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        return ("DLA", "Resize", f"{mode} 2-D resize") if len(shape_in) == 4 and mode in ("nearest", "linear") \
-            else ("GPU", "Resize", f"{mode} resize of rank {len(shape_in)}")
+        return _resize(node, attrs, graph, shape_in, shape_out)
     return "GPU", op, "not among DLA's layer types"
+
+
+def _convolution(node: onnx.NodeProto, attrs: dict, graph: Graph) -> tuple[str, str, str]:
+    """Convolution and Deconvolution (ConvTranspose, whose weight is [input channels, output channels / groups,
+    kH, kW]) against their DLA limits."""
+    deconvolution = node.op_type == "ConvTranspose"
+    layer = "Deconvolution" if deconvolution else "Convolution"
+    kernel = attrs.get("kernel_shape") or graph.weight_shape(node.input[1])[2:]
+    if len(kernel) != 2:
+        return "GPU", layer, f"{len(kernel)}-D kernel: DLA runs 2-D convolutions only"
+    if not graph.is_constant(node.input[1]):
+        return "GPU", layer, "weights are not constant"
+    weight, group = graph.weight_shape(node.input[1]), attrs.get("group", 1)
+    outputs = (weight[1] * group if deconvolution else weight[0]) if weight else 0
+    inputs = (weight[0] if deconvolution else weight[1] * group) if weight else 0
+    if _out_of([outputs, inputs], 1, MAX_CHANNELS):
+        return "GPU", layer, f"{outputs} output / {inputs} input channels outside DLA's [1, {MAX_CHANNELS}]"
+    if _out_of(kernel, 1, 32):
+        return "GPU", layer, f"kernel {list(kernel)} outside DLA's [1, 32]"
+    strides = attrs.get("strides", (1, 1))
+    if deconvolution:
+        if group > 1 or any(p for p in attrs.get("pads", ())) or _out_of(attrs.get("dilations", (1, 1)), 1, 1):
+            return "GPU", layer, "DLA deconvolution takes no groups, dilation or padding"
+        if _out_of(strides, 1, 32):
+            return "GPU", layer, f"strides {list(strides)} outside DLA's deconvolution range [1, 32]"
+    else:
+        if _out_of(strides, 1, 8):
+            return "GPU", layer, f"strides {list(strides)} outside DLA's [1, 8]"
+        if _out_of(attrs.get("pads", (0, 0, 0, 0)), 0, 31):
+            return "GPU", layer, f"padding {list(attrs['pads'])} outside DLA's [0, 31]"
+        if _out_of(attrs.get("dilations", (1, 1)), 1, 32):
+            return "GPU", layer, f"dilation {list(attrs['dilations'])} outside DLA's [1, 32]"
+    return "DLA", layer, f"{kernel[0]}x{kernel[1]} kernel, {outputs} output channels: within DLA's limits"
+
+
+def _softmax(attrs: dict, shape: list[int]) -> tuple[str, str, str]:
+    """DLA's SoftMax (Orin, fp16): over a channel or spatial axis of a 4-D tensor; the axis at most 8192 long when
+    every other non-batch dimension is 1, else at most 1024."""
+    if len(shape) != 4:
+        return "GPU", "SoftMax", f"rank {len(shape)}: DLA's softmax takes 4-D tensors"
+    axis = attrs.get("axis", -1) % 4
+    if axis == 0:
+        return "GPU", "SoftMax", "over the batch axis: DLA's softmax runs over a channel or spatial axis"
+    others = [d for i, d in enumerate(shape[1:], 1) if i != axis]
+    limit = 8192 if all(d == 1 for d in others) else 1024
+    if shape[axis] > limit:
+        return "GPU", "SoftMax", f"axis length {shape[axis]} over DLA's {limit}"
+    return "DLA", "SoftMax", f"axis {axis} of length {shape[axis]} (Orin's DLA; runs in fp16)"
+
+
+def _resize(node: onnx.NodeProto, attrs: dict, graph: Graph, shape_in: list[int],
+            shape_out: list[int]) -> tuple[str, str, str]:
+    """DLA's Resize: 4-D, scale exactly 1 on N and C, integer scales in [1, 32] (nearest) or [1, 4] (linear)."""
+    mode = attrs.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if len(shape_in) != 4 or len(shape_out) != 4 or mode not in ("nearest", "linear"):
+        return "GPU", "Resize", f"{mode} resize of rank {len(shape_in)}: DLA resizes 4-D tensors, nearest or linear"
+    scales = [o / i if i else 0.0 for i, o in zip(shape_in, shape_out)]
+    high = 32 if mode == "nearest" else 4
+    if scales[0] != 1 or scales[1] != 1:
+        return "GPU", "Resize", f"scales {scales}: DLA keeps N and C"
+    if any(not s.is_integer() or not 1 <= s <= high for s in scales[2:]):
+        return "GPU", "Resize", f"H and W scales {scales[2:]}: DLA takes integers in [1, {high}] for {mode}"
+    return "DLA", "Resize", f"{mode} x{int(scales[2])}/x{int(scales[3])}: within DLA's limits"
 
 
 def report(model: onnx.ModelProto, target, settings) -> dict:
