@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from edgecompress import config as cfg
-from edgecompress import data, distill, distillers, files
+from edgecompress import data, distill, files
+from edgecompress.distill import methods as distillers
 from edgecompress.errors import EdgeError
 from edgecompress.models.loaders import WEIGHTS_DIR, build_model, load_teacher
 from edgecompress.runner import RunContext

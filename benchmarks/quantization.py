@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from edgecompress import config as cfg
 from edgecompress import backends, data, files, quantize, sensitivity, targets
-from edgecompress.distillers import kd_loss
+from edgecompress.distill.methods import kd_loss
 from edgecompress.models import ZOO, Normalized, create
 from edgecompress.models.loaders import WEIGHTS_DIR, load_teacher
 from edgecompress.progress import NoBar

@@ -339,7 +339,7 @@ def models(input_size, target, num_classes, quiet):
 @cli.command()
 def methods():
     """List the distillation methods: family, paper, options with their defaults."""
-    from . import distillers
+    from .distill import methods as distillers
 
     for cls in distillers.METHODS.values():
         opts = " ".join(f"{k}={','.join(v) if isinstance(v, list) else f'{v:g}' if isinstance(v, float) else v}"

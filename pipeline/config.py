@@ -181,7 +181,7 @@ class RunConfig:
             raise BadInput(f"loader_workers must be >= 0, got {self.loader_workers}")
         from edgecompress.models import libraries
 
-        from . import distillers  # torch: imported only when a config is checked
+        from .distill import methods as distillers  # torch: imported only when a config is checked
 
         distillers.resolve_options(d.method, d.method_opts)
         for spec in (self.teacher.spec, *self.teacher.extra, d.student):

@@ -10,7 +10,7 @@ the input of every conv / linear (uint8 asymmetric, or int8 symmetric for scheme
 Those activation quantizers start from the ranges the chosen PTQ calibration found (the caller passes them) and
 their step sizes are then trained (LSQ); the quantize stage exports the QDQ model with exactly the trained scales
 and zero points (`input_quant_params`), so the int8 model runs the quantization the network was trained for.
-The loss is Hinton et al.'s KD (distillers.kd_loss) plus cross-entropy, with the distill stage's T and alpha.
+The loss is Hinton et al.'s KD (distill.methods.kd_loss) plus cross-entropy, with the distill stage's T and alpha.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as datasets
-from .distillers import kd_loss
+from .distill.methods import kd_loss
 
 
 class Unsupported(Exception):

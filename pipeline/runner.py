@@ -83,7 +83,7 @@ class RunContext:
     @cached_property
     def preprocess(self) -> datasets.Preprocess:
         """The one preprocessing contract of this run (data/preprocess.py), each field with its source."""
-        from . import distillers
+        from .distill import methods as distillers
 
         ds, g = self.data, self.geometry
         sources = {}

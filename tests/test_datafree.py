@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress import compress, distill, distillers
+from edgecompress import compress, distill
+from edgecompress.distill import methods as distillers
 from edgecompress.distill import datafree
 from edgecompress import data as datasets
 from edgecompress.cli import main

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from edgecompress import distill, distillers
+from edgecompress import distill
+from edgecompress.distill import methods as distillers
 from edgecompress.errors import BadInput
 from edgecompress.models import create
 from edgecompress.models.loaders import build_model, load_teacher
@@ -96,7 +97,7 @@ def test_confidence_weights_favour_the_teacher_right_on_the_label():
 
 def test_registry_refuses_duplicates_unknown_names_and_options():
     with pytest.raises(ValueError):
-        distillers.register(distillers.HintonKD)
+        distillers.register(distillers.METHODS["hinton"])
     with pytest.raises(BadInput, match="did you mean 'hinton'"):
         distillers.build("hintn", create("resnet_slim_050", 1, 10))
     with pytest.raises(BadInput, match="did you mean 'temperature'"):

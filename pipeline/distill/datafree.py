@@ -45,9 +45,10 @@ from torch import nn
 
 from edgecompress.models import count_params
 
-from .. import distillers, files
-from ..distillers import METHOD_DATAFREE as METHOD
-from ..distillers import DataFreeConfig, method_options
+from .. import files
+from . import methods as distillers
+from .methods import METHOD_DATAFREE as METHOD
+from .methods import DataFreeConfig, method_options
 from ..errors import BadInput, StageFailed
 from ..runner import RunContext, digest
 from . import trainer

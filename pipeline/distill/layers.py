@@ -10,8 +10,8 @@ from torch import nn
 
 from edgecompress.models import libraries
 
-from .. import distillers
-from ..distillers import FeatureTap, Setup
+from . import methods as distillers
+from .methods import FeatureTap, Setup
 from ..errors import BadInput
 
 

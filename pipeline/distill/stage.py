@@ -1,4 +1,4 @@
-"""Distill stage: train the student with a registered method (distillers.py); a checkpoint each epoch makes it
+"""Distill stage: train the student with a registered method (methods/); a checkpoint each epoch makes it
 resumable. Runs as one process, or under `torchrun --nproc_per_node N` with DistributedDataParallel (gloo on
 CPU, nccl on CUDA): each rank takes its slice of every global batch, and only rank 0 writes files.
 """
@@ -15,9 +15,10 @@ from edgecompress.models import count_params
 from edgecompress.models.loaders import import_callable, load_teacher
 
 from .. import data as datasets
-from .. import distillers, files
+from .. import files
+from . import methods as distillers
 from ..data import augment, softlabels
-from ..distillers import method_options
+from .methods import method_options
 from ..errors import BadInput, StageFailed
 from ..modelcheck import check_classifier
 from ..runner import RunContext, Stage, digest

@@ -1,0 +1,95 @@
+"""Relation-based methods: the student matches how the teacher relates the samples of a batch."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import FeatureDistiller, RelationDistiller, ce, register
+
+def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    sq = e.pow(2).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp_min(1e-12).sqrt() * (1 - torch.eye(len(e), device=e.device))
+
+
+def rkd_losses(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, angle) terms of RKD on embeddings s, t of shape (B, D)."""
+    s, t = s.float().flatten(1), t.float().flatten(1)
+    with torch.no_grad():
+        d_t = pairwise_distances(t)
+        d_t = d_t / d_t[d_t > 0].mean()
+    d_s = pairwise_distances(s)
+    d_s = d_s / d_s[d_s > 0].mean()
+    distance = F.smooth_l1_loss(d_s, d_t)
+    with torch.no_grad():
+        v_t = F.normalize(t[None, :, :] - t[:, None, :], dim=2)
+        angle_t = torch.bmm(v_t, v_t.transpose(1, 2)).flatten()
+    v_s = F.normalize(s[None, :, :] - s[:, None, :], dim=2)
+    angle_s = torch.bmm(v_s, v_s.transpose(1, 2)).flatten()
+    return distance, F.smooth_l1_loss(angle_s, angle_t)
+
+
+@register
+class RKD(RelationDistiller):
+    """Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019, arXiv:1904.05068.
+
+    L = CE(z_s, y) + w_d * sum huber(psi_D(s_i, s_j) - psi_D(t_i, t_j)) + w_a * sum huber(psi_A(s_i, s_j, s_k) -
+    psi_A(t_i, t_j, t_k)); psi_D: pairwise distance divided by the batch's mean distance, psi_A: cosine of the
+    angle at s_j; on the embeddings (penultimate features); w_d = 25, w_a = 50 (the paper).
+    """
+
+    name, family, paper = "rkd", "relation", "arXiv:1904.05068"
+    defaults = {"distance_weight": 25.0, "angle_weight": 50.0}
+
+    def forward_train(self, x, y, teacher_logits=None, teacher=None, index=None):
+        logits, feats = self.student_forward(x)
+        distance, angle = rkd_losses(feats.embedding, teacher.embedding)
+        return logits, {"ce": ce(logits, y), "rkd_distance": self.hp["distance_weight"] * distance,
+                        "rkd_angle": self.hp["angle_weight"] * angle}
+
+
+def similarity_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """|| G_s - G_t ||_F^2 / b^2 with G = row-normalised (F F^T), F the flattened activations (b, chw)."""
+    g_s = F.normalize(f_s.float().flatten(1) @ f_s.float().flatten(1).t(), dim=1)
+    g_t = F.normalize(f_t.float().flatten(1) @ f_t.float().flatten(1).t(), dim=1)
+    return (g_s - g_t).pow(2).sum() / len(f_s) ** 2
+
+
+@register
+class SimilarityPreserving(FeatureDistiller):
+    """Tung, Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, arXiv:1907.09682.
+
+    L = CE(z_s, y) + gamma / b^2 * || G_s - G_t ||_F^2, G = row-normalised F F^T of the last paired stage end's
+    activations over the batch; gamma = 3000 (the paper's CIFAR-10 setting).
+    """
+
+    name, family, paper = "sp", "relation", "arXiv:1907.09682"
+    defaults = {"gamma": 3000.0}
+
+    def forward_train(self, x, y, teacher_logits=None, teacher=None, index=None):
+        logits, feats = self.student_forward(x)
+        return logits, {"ce": ce(logits, y), "sp": self.hp["gamma"] * similarity_loss(feats.maps[-1], teacher.maps[-1])}
+
+
+def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """KL(P_t || P_s) where P_{i|j} = K(i, j) / sum_i K(i, j), K(a, b) = (cos(a, b) + 1) / 2."""
+    s, t = F.normalize(s.float().flatten(1), dim=1), F.normalize(t.float().flatten(1), dim=1)
+    k_s, k_t = (s @ s.t() + 1) / 2, (t @ t.t() + 1) / 2
+    p_s, p_t = k_s / k_s.sum(1, keepdim=True), k_t / k_t.sum(1, keepdim=True)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).sum(1).mean()
+
+
+@register
+class PKT(RelationDistiller):
+    """Passalis, Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer", ECCV 2018,
+    arXiv:1803.10837.
+
+    L = CE(z_s, y) + weight * KL(P_t || P_s), P the conditional probabilities from the cosine-similarity kernel
+    over the batch's embeddings; weight 30000 (the setting of the CRD benchmark code that mdistiller follows).
+    """
+
+    name, family, paper = "pkt", "relation", "arXiv:1803.10837"
+    defaults = {"weight": 30000.0}
+
+    def forward_train(self, x, y, teacher_logits=None, teacher=None, index=None):
+        logits, feats = self.student_forward(x)
+        return logits, {"ce": ce(logits, y), "pkt": self.hp["weight"] * pkt_loss(feats.embedding, teacher.embedding)}
