@@ -50,14 +50,15 @@ def run(ctx: RunContext) -> Path:
     out_dir = ctx.stage_dir(f"export/{target.name}")
     source = quantize.artifact_path(ctx.out, ctx.target)
     # A rerun must not leave a file of an earlier build (an engine of another profile) beside the new recipe;
-    # the timing cache stays, since reusing it across builds is its purpose.
-    keep = {"done.json", target.tensorrt.timing_cache if target.tensorrt else ""}
+    # the backend names what stays (a timing cache, an engine this host could not make again)
+    backend = backends.for_target(target)
+    keep = {"done.json"} | backend.keep_on_rebuild(target, out_dir)
     for stale in out_dir.iterdir():
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.name not in keep:
             stale.unlink()
-    record = backends.for_target(target).export(ctx, source, out_dir)
+    record = backend.export(ctx, source, out_dir)
     files.write_json(out_dir / "build.json", {"target": target.name, "runtime": target.runtime,
                                               "precision": target.precision, "opset": target.opset,
                                               "profile": target.to_dict() | {"source": ""},

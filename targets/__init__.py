@@ -182,6 +182,11 @@ def _check_tensorrt(options: TensorRTOptions, precision: str, where: str) -> Non
     if options.dla_core >= 0:
         if precision == "fp32":
             raise BadInput(f"{where}: DLA runs int8 or fp16 only: set precision to int8 or fp16, or dla_core = -1")
+        if options.strongly_typed:
+            # trtexec's --useDLACore sets the FP16 flag (TensorRT 10, sampleEngines.cpp), which a strongly typed
+            # network refuses at build time; TensorRT 11 types every network strongly and sets no flag
+            raise BadInput(f"{where}: DLA builds on TensorRT 10 are weakly typed (the FP16 flag that DLA needs is "
+                           "refused by a strongly typed network): set strongly_typed = false")
         if precision == "int8":
             # TensorRT builds int8 on DLA only from calibration scales (implicit quantization), never from the
             # explicit Q/DQ graph this pipeline makes ("DLA does not support explicit quantization")

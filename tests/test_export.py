@@ -189,7 +189,7 @@ def test_profile_to_builder_settings(tmp_path, models):
     no_fallback = trt_target(tmp_path, {"gpu_fallback = true": "gpu_fallback = false"}, "jetson-agx-orin")
     assert set(tensorrt.builder_settings(no_fallback, model).builder_flags) == {"FP16", "DIRECT_IO",
                                                                                  "PREFER_PRECISION_CONSTRAINTS"}
-    strong_fp16 = trt_target(tmp_path, {"strongly_typed = false": "strongly_typed = true"}, "jetson-agx-orin")
+    strong_fp16 = trt_target(tmp_path, {'precision = "int8"': 'precision = "fp16"'}, "x86-nvidia")
     with pytest.raises(StageFailed, match="needs an fp16 graph"):
         tensorrt.builder_settings(strong_fp16, model)
 

@@ -138,7 +138,8 @@ def test_export_fingerprint_changes_when_tensorrt_or_the_gpu_appears(tmp_path, s
     ctx = RunContext(tmp_path, RunConfig(data=str(small_npz), target="x86-nvidia"), quiet=True)
     stage = export.stage(ctx)
     here = fingerprint(ctx, stage)
-    assert export.inputs(ctx)["environment"] == trt_device.environment()
+    env = trt_device.environment()
+    assert export.inputs(ctx)["environment"] == {"tensorrt": env["tensorrt"], "device": env["device"]}
     device = {"tensorrt": "10.3.0", "device": {"name": "Orin", "compute_capability": "8.7"}, "cuda_driver": "12.6",
               "l4t": "36.4.0"}
     monkeypatch.setattr(trt_device, "environment", lambda: device)
@@ -151,6 +152,22 @@ def test_an_engine_built_elsewhere_is_never_run_here():
     assert "TensorRT 10.3.0 where the engine was built, 10.7.0 here" in \
         trt_device.mismatch(built, built | {"tensorrt": "10.7.0"})
     assert "GPU" in trt_device.mismatch(built, built | {"device": {"name": "RTX 4090", "compute_capability": "8.9"}})
+
+
+def test_an_engine_made_on_the_device_survives_a_re_export_on_a_host_that_cannot_build(tmp_path):
+    backend, target = tensorrt.BACKEND, targets.load("x86-nvidia")
+    keep = backend.keep_on_rebuild(target, tmp_path)
+    assert "timing.cache" in keep
+    assert ({"model.engine", "layer_info.json", "build.json"} <= keep) == bool(trt_device.unavailable_reason())
+
+
+def test_the_engine_runner_feeds_batches_its_profile_takes():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    chunks = trt_build.profile_chunks(x, 4, 4)
+    assert [(len(c), used) for c, used in chunks] == [(4, 4), (4, 4), (4, 2)]
+    assert np.concatenate([c[:used] for c, used in chunks]).ravel().tolist() == list(range(10))
+    assert chunks[-1][0].ravel().tolist() == [8, 9, 9, 9]  # padded with the last row, then trimmed
+    assert [len(c) for c, _ in trt_build.profile_chunks(x, 1, 64)] == [10]
 
 
 def test_host_probes_say_what_this_host_has(tmp_path):
@@ -323,6 +340,13 @@ def test_checker_accepts_what_tensorrt_accepts(tmp_path):
 
 
 # --- 9, 10, 12. the profiles --------------------------------------------------------------------------------------
+
+def test_a_strongly_typed_dla_build_is_refused_with_one_line(tmp_path):
+    """trtexec's --useDLACore sets FP16 on TensorRT 10, which a strongly typed network refuses at build time."""
+    path = profile(tmp_path, "jetson-agx-orin", {"strongly_typed = false": "strongly_typed = true"})
+    with pytest.raises(BadInput, match="set strongly_typed = false"):
+        targets.load(str(path))
+
 
 def test_int8_on_dla_is_refused_with_one_line(tmp_path):
     path = profile(tmp_path, "jetson-agx-orin", {'precision = "fp16"': 'precision = "int8"'})

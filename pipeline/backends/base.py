@@ -54,6 +54,10 @@ class Backend:
     def docker_run_flags(self, target) -> list[str]:
         return []
 
+    def keep_on_rebuild(self, target, out_dir: Path) -> set[str]:
+        """Files of export/<target>/ a new export must not delete (besides done.json)."""
+        return set()
+
 
 BACKENDS: dict[str, Backend] = {}
 # Edits of a quantized graph that a runtime's Q/DQ placement needs and ONNX Runtime's quantizer does not make,

@@ -211,6 +211,9 @@ def export(ctx, source: Path, out_dir: Path) -> dict:
     unverified = []
     if reason:
         record["engine"] = None
+        earlier = _earlier_engine(out_dir)
+        if earlier:
+            record["engine_from_earlier_build"] = earlier
         lines = "; or ".join(f"`{v['trtexec']}` (TensorRT {k})" for k, v in by_version.items() if "trtexec" in v)
         unverified.append(f"tensorrt engine build: {reason}; build it on the device in export/{target.name}/ with "
                           f"{lines}")
@@ -234,6 +237,20 @@ def export(ctx, source: Path, out_dir: Path) -> dict:
                              "providers": ["CPUExecutionProvider"]}
     record["unverified"] = unverified
     return record
+
+
+def _earlier_engine(out_dir: Path) -> dict | None:
+    """The engine record of an earlier export whose engine file is still here (kept by keep_on_rebuild), if any."""
+    import json
+
+    try:
+        earlier = json.loads((out_dir / "build.json").read_text()).get("engine")
+    except (OSError, ValueError):
+        return None
+    if earlier and (out_dir / ENGINE_NAME).is_file() and files.sha256(out_dir / ENGINE_NAME) == earlier.get(
+            "engine_sha256"):
+        return earlier
+    return None
 
 
 def tensorrt_scheme(target) -> Scheme:
@@ -270,7 +287,17 @@ class TensorRTBackend(Backend):
         return export(ctx, source, out_dir)
 
     def environment(self) -> dict:
-        return trt_device.environment()
+        """TensorRT's version and the GPU: what makes an engine (the driver and L4T are recorded, not compared)."""
+        here = trt_device.environment()
+        return {"tensorrt": here["tensorrt"], "device": here["device"]}
+
+    def keep_on_rebuild(self, target, out_dir: Path) -> set[str]:
+        """The timing cache (reusing it is its purpose) and, where this host cannot build an engine, the engine an
+        earlier build left (made on the device: nothing here could make it again)."""
+        keep = {target.tensorrt.timing_cache} - {""}
+        if trt_device.unavailable_reason():
+            keep |= {ENGINE_NAME, LAYER_INFO_NAME, "build.json"}
+        return keep
 
     def artifact_runner(self, ctx, build: dict) -> ArtifactRunner:
         """The engine where it exists and this host may run it; else ONNX Runtime on the same Q/DQ graph."""
@@ -287,13 +314,15 @@ class TensorRTBackend(Backend):
                               f"with `edgecompress export {ctx.out} --force`")
         from .trt_build import TensorRTRunner, trtexec_times
 
-        engine_path, dla_core = out_dir / ENGINE_NAME, ctx.target.tensorrt.dla_core
+        options = ctx.target.tensorrt
+        engine_path, dla_core = out_dir / ENGINE_NAME, options.dla_core
         label = f"tensorrt-{ctx.target.precision}"
         extra = {}
         if shutil.which("trtexec"):
             extra["trtexec_gpu_compute_ms"] = {key: trtexec_times(shlex.split(line), out_dir)
                                                for key, line in build["trtexec_latency"].items()}
-        return ArtifactRunner(lambda threads: TensorRTRunner(engine_path, dla_core, label), label, path=engine_path,
+        return ArtifactRunner(lambda threads: TensorRTRunner(engine_path, dla_core, label, options.min_batch,
+                                                             options.max_batch), label, path=engine_path,
                               file_format=f"tensorrt-engine-{ctx.target.precision}",
                               reference=lambda threads: OrtRunner(onnx_path, threads, stand_in.runtime), extra=extra)
 

@@ -23,10 +23,12 @@ def attach_timing_cache(config, cached: bytes, log=print) -> str:
     `IBuilderConfig.set_timing_cache(cache, ignore_mismatch=False)` returns False when the cache was made on
     another GPU or TensorRT version (pyCoreDoc.h); such a cache is dropped for a fresh one, since a build
     whose cache was refused has none and `get_timing_cache()` then returns None. Returns what happened."""
-    if config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False):
+    cache = config.create_timing_cache(cached)  # None when TensorRT cannot read the file at all
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return "reused" if cached else "new"
     log("[export] the timing cache was made on another GPU or TensorRT version: starting a new one")
-    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
         raise StageFailed("TensorRT refused an empty timing cache; set timing_cache = \"\" in the target's [tensorrt]")
     return "replaced (made on another GPU or TensorRT version)"
 
@@ -126,19 +128,43 @@ class _Cuda:
         self.check(self.lib.cuMemcpyDtoH_v2(array.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(pointer),
                                             ctypes.c_size_t(array.nbytes)), "cuMemcpyDtoH")
 
-    def synchronize(self) -> None:
-        self.check(self.lib.cuCtxSynchronize(), "cuCtxSynchronize")
+    def stream(self) -> int:
+        handle = ctypes.c_void_p()
+        self.check(self.lib.cuStreamCreate(ctypes.byref(handle), 0), "cuStreamCreate")
+        return handle.value or 0
+
+    def synchronize(self, stream: int) -> None:
+        self.check(self.lib.cuStreamSynchronize(ctypes.c_void_p(stream)), "cuStreamSynchronize")
+
+    def free(self, pointer: int) -> None:
+        self.lib.cuMemFree_v2(ctypes.c_uint64(pointer))
+
+    def destroy(self, stream: int) -> None:
+        self.lib.cuStreamDestroy_v2(ctypes.c_void_p(stream))
+
+
+def profile_chunks(x: np.ndarray, min_batch: int, max_batch: int) -> list[tuple[np.ndarray, int]]:
+    """`x` cut into batches an optimisation profile of [min_batch, max_batch] takes: (batch, rows that are x's);
+    a short last batch is padded with copies of its last row up to min_batch."""
+    chunks = []
+    for start in range(0, len(x), max_batch):
+        chunk = x[start:start + max_batch]
+        short = max(0, min_batch - len(chunk))
+        chunks.append((np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)]) if short else chunk, len(chunk)))
+    return chunks
 
 
 class TensorRTRunner:
-    """The built engine on the GPU (or its DLA core): x (float32 NCHW on the host) -> logits on the host. The time
-    of a call includes the copies to and from the device, as an application's would; trtexec's GPU compute time
-    (verify records it too) leaves them out."""
+    """The built engine on the GPU (or its DLA core): x (float32 NCHW on the host) -> logits on the host, in
+    chunks the engine's optimisation profile allows (a short last chunk is padded to min_batch and trimmed). The
+    time of a call includes the copies to and from the device, as an application's would; trtexec's GPU compute
+    time (verify records it too) leaves them out."""
 
-    def __init__(self, engine_path: Path, dla_core: int, runtime_label: str):
+    def __init__(self, engine_path: Path, dla_core: int, runtime_label: str, min_batch: int, max_batch: int):
         import tensorrt as trt
 
         self.runtime, self.cuda = runtime_label, _Cuda()
+        self.min_batch, self.max_batch = min_batch, max_batch
         trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if dla_core >= 0:
             trt_runtime.DLA_core = dla_core
@@ -151,11 +177,13 @@ class TensorRTRunner:
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.buffers: dict[tuple, tuple[int, int]] = {}
+        self.stream = self.cuda.stream()  # TensorRT warns that the default stream adds synchronisation
         self.version, self.dla_core = trt.__version__, dla_core
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self.context.set_input_shape(self.input, x.shape)
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if not self.context.set_input_shape(self.input, x.shape):
+            raise StageFailed(f"the engine refuses input shape {x.shape} (its profile: batch {self.min_batch} to "
+                              f"{self.max_batch})")
         out = np.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=np.float32)
         if x.shape not in self.buffers:  # device buffers per batch shape, made once
             self.buffers[x.shape] = (self.cuda.alloc(x.nbytes), self.cuda.alloc(out.nbytes))
@@ -163,11 +191,31 @@ class TensorRTRunner:
         self.cuda.to_device(x_device, x)
         self.context.set_tensor_address(self.input, x_device)
         self.context.set_tensor_address(self.output, out_device)
-        if not self.context.execute_async_v3(0):
+        if not self.context.execute_async_v3(self.stream):
             raise StageFailed("TensorRT failed to run the engine (its log above says why)")
-        self.cuda.synchronize()
+        self.cuda.synchronize(self.stream)
         self.cuda.to_host(out, out_device)
         return out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.concatenate([self._run(chunk)[:used] for chunk, used in
+                               profile_chunks(x, self.min_batch, self.max_batch)])
+
+    def close(self) -> None:
+        for pair in self.buffers.values():
+            for pointer in pair:
+                self.cuda.free(pointer)
+        self.buffers = {}
+        if self.stream:
+            self.cuda.destroy(self.stream)
+            self.stream = 0
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # the CUDA context may be gone at interpreter exit; nothing to free then
+            pass
 
     def settings(self) -> dict:
         return {"runtime": self.runtime, "tensorrt": self.version, "dla_core": self.dla_core,
