@@ -119,11 +119,11 @@ class Prepared:
 
 
 def prepare(method: str, opts: dict, student: nn.Module, teacher: nn.Module | None, num_classes: int,
-            num_train: int, new_student: Callable[[], nn.Module], probe: torch.Tensor) -> Prepared:
+            train_labels: torch.Tensor, new_student: Callable[[], nn.Module], probe: torch.Tensor) -> Prepared:
     """The method around `student`, with its layers paired and hooked and its extra modules sized by a probe
     forward of both models on a couple of real images."""
     cls = distillers.METHODS[method]
-    setup = Setup(num_classes=num_classes, num_train=num_train, new_student=new_student)
+    setup = Setup(num_classes=num_classes, train_labels=train_labels, new_student=new_student)
     s_layers, t_layers, s_embed, t_embed = [], [], "", ""
     if cls.feature_maps:
         s_layers, t_layers = pair_layers(student, teacher if cls.teacher_features else None, opts, probe)

@@ -258,7 +258,7 @@ def train(ctx: RunContext, cls: type, teachers: list[tuple[nn.Module, dict]]) ->
     torch.manual_seed(seed)
     student = build_student(ctx)
     prepared = prepare(conf.method, opts, student, teachers[0][0] if teachers else None, ds.num_classes,
-                       len(ds.y_train), lambda: build_student(ctx), datasets.to_float(ds.x_eval[:2]))
+                       ds.y_train, lambda: build_student(ctx), datasets.to_float(ds.x_eval[:2]))
     distiller = prepared.distiller.to(device).to(memory_format=torch.channels_last)
     views = pair_transform(distiller)
     teacher_online = cls.teacher_features or (views is not None and not distiller.teacher_view_is_input)

@@ -7,6 +7,7 @@ from torch import nn
 
 from .base import Distiller, ce, register
 
+
 class Discriminator(nn.Module):
     """An MLP scoring (class probabilities, one-hot label) as teacher-made (1) or student-made (0). It sees
     softmax outputs, not raw logits: bounded inputs keep the student from chasing the teacher's logit scale,

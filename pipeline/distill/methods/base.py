@@ -58,7 +58,7 @@ class Setup:
     """Facts about the models and data that methods size their extra modules from (filled by the trainer)."""
 
     num_classes: int
-    num_train: int = 0
+    train_labels: torch.Tensor | None = None  # the label of every training image, by dataset index (CRD)
     student_shapes: list[tuple[int, ...]] = field(default_factory=list)  # (C, H, W) of each paired student map
     teacher_shapes: list[tuple[int, ...]] = field(default_factory=list)
     student_embedding_dim: int = 0
@@ -145,8 +145,21 @@ def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch (Hinton et al., 2015)."""
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Z(z) = (z - mean(z)) / (std(z) + 1e-7) over the classes of each sample, std the unbiased one: logit
+    standardisation (Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024,
+    arXiv:2403.01427; as its code's `normalize`). The student then matches the shape of the teacher's logits,
+    not their scale, which a small student cannot reach."""
+    z = logits.float()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            standardized: bool = False) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch (Hinton et al., 2015); with
+    `standardized`, z is standardize(z) for both (logit standardisation)."""
+    if standardized:
+        student_logits, teacher_logits = standardize(student_logits), standardize(teacher_logits)
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .base import Distiller, ce, kd_loss, register
 
+
 def downsample_view(x: torch.Tensor, size: int) -> torch.Tensor:
     """A low-resolution sensor: area-downsampled to size x size, then shown at the original size (nearest), so
     the student's input shape and its exported artifact stay the same."""

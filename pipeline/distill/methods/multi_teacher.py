@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BadInput
-from .base import Distiller, ce, register, soft_kd_loss
+from .base import Distiller, ce, register, soft_kd_loss, standardize
+
 
 def confidence_weights(teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CA-MKD's per-sample teacher weights, shape (K, B): w_k = (1 - softmax_k(CE_k)) / (K - 1), so the teacher
@@ -24,10 +25,12 @@ class MultiTeacher(Distiller):
     w_k = (1 - softmax_k(CE(z_k, y))) / (K - 1) of Zhang, Chen, Wang, "Confidence-Aware Multi-Teacher Knowledge
     Distillation", ICASSP 2022, arXiv:2201.00007.
     L = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p || softmax(z_s / T)), T = 4, alpha = 0.9.
+    standardize=true standardises the student's and every teacher's logits before the softmaxes (logit
+    standardisation, Sun et al., CVPR 2024): teachers of different logit scales then weigh by their rankings.
     """
 
     name, family, paper = "multi-teacher", "multi-teacher", "KDD 2017 (average); arXiv:2201.00007 (confidence)"
-    defaults = {"combine": "average", "temperature": 4.0, "alpha": 0.9}
+    defaults = {"combine": "average", "temperature": 4.0, "alpha": 0.9, "standardize": False}
     many_teachers = kd_config = True
 
     def __init__(self, student, setup, **hp):
@@ -39,10 +42,12 @@ class MultiTeacher(Distiller):
         logits = self.student(x)
         z = teacher_logits if teacher_logits.dim() == 3 else teacher_logits[None]
         t = self.hp["temperature"]
-        probs = F.softmax(z.float() / t, dim=2)
+        student = standardize(logits) if self.hp["standardize"] else logits
+        shaped = torch.stack([standardize(k) for k in z]) if self.hp["standardize"] else z.float()
+        probs = F.softmax(shaped / t, dim=2)
         if self.hp["combine"] == "confidence" and len(z) > 1:
             target = (confidence_weights(z, y)[:, :, None] * probs).sum(0)
         else:
             target = probs.mean(0)
         a = self.hp["alpha"]
-        return logits, {"ce": (1 - a) * ce(logits, y), "kd": a * soft_kd_loss(logits, target, t)}
+        return logits, {"ce": (1 - a) * ce(logits, y), "kd": a * soft_kd_loss(student, target, t)}

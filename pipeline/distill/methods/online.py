@@ -6,6 +6,7 @@ from torch import nn
 from ...errors import BadInput
 from .base import Distiller, ce, kd_loss, register
 
+
 @register
 class MutualLearning(Distiller):
     """Zhang, Xiang, Hospedales, Lu, "Deep Mutual Learning", CVPR 2018, arXiv:1706.00384.

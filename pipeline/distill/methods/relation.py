@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .base import FeatureDistiller, RelationDistiller, ce, register
 
+
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
     sq = e.pow(2).sum(1)
     return (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp_min(1e-12).sqrt() * (1 - torch.eye(len(e), device=e.device))
@@ -71,11 +72,14 @@ class SimilarityPreserving(FeatureDistiller):
 
 
 def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """KL(P_t || P_s) where P_{i|j} = K(i, j) / sum_i K(i, j), K(a, b) = (cos(a, b) + 1) / 2."""
+    """mean_{i,j} P_t(i|j) log((P_t(i|j) + eps) / (P_s(i|j) + eps)), P(i|j) = K(i, j) / sum_k K(k, j) with the
+    cosine kernel K(a, b) = (cos(a, b) + 1) / 2 over the batch: the mean over the whole B x B matrix, as the
+    authors' code and RepDistiller's cosine_similarity_loss take it (a sum over one axis would make the loss B
+    times larger and its weight mean something else at every batch size)."""
     s, t = F.normalize(s.float().flatten(1), dim=1), F.normalize(t.float().flatten(1), dim=1)
     k_s, k_t = (s @ s.t() + 1) / 2, (t @ t.t() + 1) / 2
     p_s, p_t = k_s / k_s.sum(1, keepdim=True), k_t / k_t.sum(1, keepdim=True)
-    return (p_t * torch.log((p_t + eps) / (p_s + eps))).sum(1).mean()
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
 
 @register
@@ -84,7 +88,8 @@ class PKT(RelationDistiller):
     arXiv:1803.10837.
 
     L = CE(z_s, y) + weight * KL(P_t || P_s), P the conditional probabilities from the cosine-similarity kernel
-    over the batch's embeddings; weight 30000 (the setting of the CRD benchmark code that mdistiller follows).
+    over the batch's embeddings, averaged over the B x B pairs (pkt_loss); weight 30000 (RepDistiller's setting
+    for PKT, with the same averaging).
     """
 
     name, family, paper = "pkt", "relation", "arXiv:1803.10837"

@@ -1,10 +1,12 @@
 """Self-distillation: the student's deepest classifier teaches heads on its own shallower stages."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...errors import BadInput
 from .base import Distiller, ce, kd_loss, register
+
 
 @register
 class SelfDistillation(Distiller):
@@ -13,9 +15,13 @@ class SelfDistillation(Distiller):
 
     Auxiliary heads on the student's own stage ends (a 1x1 conv + BN + ReLU bottleneck to the deepest stage's
     channels and size, then pool + linear); the deepest classifier teaches the shallow ones:
-    L = sum_i [(1 - alpha) * CE(q_i, y) + alpha * T^2 * KL(q_C || q_i) + lambda * ||F_i - F_C||^2] + CE(q_C, y),
-    alpha = 0.3, T = 3, lambda = 0.03 (the paper's CIFAR settings). The heads are training-only: the saved
-    student is unchanged.
+    L = CE(q_C, y) + sum_i [(1 - alpha) * CE(q_i, y) + alpha * T^2 * KL(q_C || q_i) + lambda * ||F_i - F_C||_2],
+    ||.||_2 the L2 norm of the difference over the whole batch (torch.dist). alpha = 0.3, T = 3, lambda = 0.03
+    are the defaults of the authors' code (ArchipLab-LinfengZhang/pytorch-self-distillation-final, train.py:
+    loss_coefficient, temperature, feature_loss_coefficient); the paper does not state them. As there, the
+    feature term is the norm over the batch, not a mean over elements (which made it about B*C*H*W times
+    smaller) nor the paper's squared norm; unlike there, the KD term keeps Hinton's T^2 factor, so that alpha
+    weighs it against CE at any T. The heads are training-only: the saved student is unchanged.
     """
 
     name, family, paper = "self-distill", "self", "arXiv:1905.08094"
@@ -44,5 +50,5 @@ class SelfDistillation(Distiller):
             z = head(f.float().mean((2, 3)))
             losses[f"ce_head{i}"] = (1 - a) * ce(z, y)
             losses[f"kd_head{i}"] = a * kd_loss(z, logits.detach(), t)
-            losses[f"feat_head{i}"] = self.hp["feature_weight"] * (f.float() - deepest).pow(2).mean()
+            losses[f"feat_head{i}"] = self.hp["feature_weight"] * torch.dist(f.float(), deepest)
         return logits, losses
