@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6 is Ubuntu 22.04): the same
 from edgecompress.errors import BadInput
 
 PROFILE_DIR = Path(__file__).parent
-RUNTIMES = ("onnxruntime", "onnxruntime-mobile", "tensorrt")  # edgecompress.backends.BACKENDS' names (a test checks)
+RUNTIMES = ("onnxruntime", "onnxruntime-mobile", "tensorrt", "openvino")  # edgecompress.backends.BACKENDS' names (a test checks)
 PRECISIONS = ("int8", "fp16", "fp32")
 QUANT_TYPES = ("uint8", "int8")
 PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -70,6 +70,19 @@ GRAPH_OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 
 
 @dataclass(frozen=True)
+class OpenVINOOptions:
+    """OpenVINO CPU plugin properties the artifact runs with, and is timed with (runtime openvino)."""
+
+    performance_hint: str = "LATENCY"    # LATENCY | THROUGHPUT (ov::hint::performance_mode)
+    num_streams: int = 1                  # parallel inference streams; 1 for one request at a time
+    inference_precision: str = "f32"      # f32 | bf16: the precision of the layers left in float
+
+
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+INFERENCE_PRECISIONS = ("f32", "bf16")
+
+
+@dataclass(frozen=True)
 class DockerOptions:
     """The image that builds and verifies this target's artifact from a mounted run directory."""
 
@@ -94,6 +107,7 @@ class Target:
     budgets: Budgets = field(default_factory=Budgets)
     tensorrt: TensorRTOptions | None = None
     onnxruntime: OnnxRuntimeOptions = field(default_factory=OnnxRuntimeOptions)
+    openvino: OpenVINOOptions | None = None
     docker: DockerOptions = field(default_factory=DockerOptions)
     source: str = ""
 
@@ -101,7 +115,8 @@ class Target:
         return dataclasses.asdict(self)
 
 
-TABLES = {"budgets": Budgets, "tensorrt": TensorRTOptions, "onnxruntime": OnnxRuntimeOptions, "docker": DockerOptions}
+TABLES = {"budgets": Budgets, "tensorrt": TensorRTOptions, "onnxruntime": OnnxRuntimeOptions,
+          "openvino": OpenVINOOptions, "docker": DockerOptions}
 
 
 def names() -> list[str]:
@@ -259,6 +274,15 @@ def _build(raw: dict, where: str) -> Target:
         needs = [name for name, b in backends.BACKENDS.items() if b.options_table == "tensorrt"]
         raise BadInput(f"{where}: a [tensorrt] table needs runtime = '{' or '.join(needs)}' "
                        f"(runtime is {values['runtime']!r})")
+    if "openvino" in tables and backend.options_table != "openvino":
+        raise BadInput(f"{where}: an [openvino] table needs runtime = 'openvino' (runtime is {values['runtime']!r})")
+    openvino = None
+    if backend.options_table == "openvino":
+        openvino = OpenVINOOptions(**tables.get("openvino", {}))
+        _choice(openvino.performance_hint, PERFORMANCE_HINTS, "performance_hint", f"{where} [openvino]")
+        _choice(openvino.inference_precision, INFERENCE_PRECISIONS, "inference_precision", f"{where} [openvino]")
+        if openvino.num_streams < 1:
+            raise BadInput(f"{where} [openvino]: num_streams must be >= 1")
     onnxruntime = OnnxRuntimeOptions(**tables.get("onnxruntime", {}))
     _choice(onnxruntime.graph_optimization_level, GRAPH_OPTIMIZATION_LEVELS, "graph_optimization_level",
             f"{where} [onnxruntime]")
@@ -268,5 +292,5 @@ def _build(raw: dict, where: str) -> Target:
     if not pinned or pinned.group(1) == "latest":
         raise BadInput(f"{where} [docker]: base_image must be pinned as repository:tag (not latest), "
                        f"got {docker.base_image!r}")
-    return Target(**values, budgets=Budgets(**budgets), tensorrt=tensorrt, onnxruntime=onnxruntime, docker=docker,
-                  source=where)
+    return Target(**values, budgets=Budgets(**budgets), tensorrt=tensorrt, onnxruntime=onnxruntime,
+                  openvino=openvino, docker=docker, source=where)

@@ -53,8 +53,12 @@ def test_every_shipped_target_loads(path):
         assert t.tensorrt.dla_core < 0 or t.tensorrt.min_batch == t.tensorrt.max_batch
 
 
-def test_the_five_shipped_targets():
-    assert targets.names() == ["jetson-agx-orin", "jetson-orin-nano", "mobile-arm64", "x86-cpu", "x86-nvidia"]
+def test_the_six_shipped_targets():
+    assert targets.names() == ["jetson-agx-orin", "jetson-orin-nano", "mobile-arm64", "x86-cpu", "x86-nvidia",
+                               "x86-openvino"]
+    openvino = targets.load("x86-openvino")
+    assert openvino.runtime == "openvino" and openvino.openvino.performance_hint == "LATENCY"
+    assert targets.load("x86-cpu").openvino is None
     mobile = targets.load("mobile-arm64")
     assert mobile.runtime == "onnxruntime-mobile" and mobile.threads == 4
     assert mobile.execution_providers[0] == "XnnpackExecutionProvider"

@@ -11,7 +11,7 @@ A backend gives:
 """
 from __future__ import annotations
 
-from . import onnxruntime, ortmobile, tensorrt  # noqa: F401  (each registers its backend)
+from . import onnxruntime, openvino, ortmobile, tensorrt  # noqa: F401  (each registers its backend)
 from .base import (BACKENDS, QDQ_EDITS, ArtifactRunner, Backend, for_target, get, register, register_qdq_edit,
                    scheme_for)
 
