@@ -1,20 +1,29 @@
-"""Every registered distillation method on Fashion-MNIST with the default teacher and student: equal epochs,
-several seeds, the student trained alone (`none`) as the baseline.
+"""Distillation methods measured, not defaults: every method against the student trained alone, equal epochs and
+schedule, several seeds, paired gains with 95% intervals; hyperparameters chosen on a validation split held out of
+the training images, never on the test images.
 
-    nice -n 19 python benchmarks/kd_methods.py [--per-class 50] [--epochs 10] [--batch 32] [--seeds 0 1 2]
+    nice python benchmarks/kd_methods.py --setting subset [--seeds 0 1 2 3 4] [--methods ...]
+    nice python benchmarks/kd_methods.py --setting full
+    nice python benchmarks/kd_methods.py --tune dkd beta=4,8 --setting subset --seeds 0 1   (validation only)
 
-Each run goes through the product's distill stage (distill.run) on a stratified training subset written as an
-.npz (fixed by --subset-seed, the same for every method and seed), and is scored on the full 10,000-image test
-split: top-1, agreement with the teacher's top-1, and the mean epoch time. One torch thread per run (the
-machine is shared). Writes benchmarks/results/kd_methods.json and .md; finished runs are kept in
-benchmarks/results/kd_methods.partial.json, so a rerun with the same settings continues where it stopped.
+Data: Fashion-MNIST's 60,000 training images less a stratified validation split (--validation, default 5,000,
+fixed by --split-seed); `subset` trains on a stratified 5,000 of the rest, `full` on all of the rest. Each run goes
+through the product's distill stage (distill.run) with the pinned setting (teacher, student, epochs, batch, lr,
+schedule, precision: all in the JSON and applied), and is scored on the validation split (for tuning) and on the
+10,000 test images (for the table only). Gains over `none` are paired by seed: mean difference of test top-1
+with a 95% Student-t interval over the seeds. `cross-modal` is compared with itself at alpha = 0, which is the
+student trained alone on the same (downsampled) view. `datafree` reads no training image and gets its own line.
+Writes benchmarks/results/kd_methods-<setting>.json/.md (or kd_tuning-<method>.json with --tune); finished runs
+are kept in a .partial.json beside them, so a rerun with the same setting continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,15 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgecompress import config as cfg
-from edgecompress import data, distill, files
-from edgecompress.distill import methods as distillers
-from edgecompress.errors import EdgeError
-from edgecompress.models.loaders import WEIGHTS_DIR, build_model, load_teacher
-from edgecompress.runner import RunContext
+sys.path.insert(0, str(Path(__file__).parent))
+from perf import provenance  # noqa: E402
+
+from edgecompress import config as cfg  # noqa: E402
+from edgecompress import data, distill, files  # noqa: E402
+from edgecompress.distill import methods as distillers  # noqa: E402
+from edgecompress.errors import EdgeError  # noqa: E402
+from edgecompress.models.loaders import WEIGHTS_DIR, build_model, load_teacher  # noqa: E402
+from edgecompress.runner import RunContext  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEACHER, TEACHER_WEIGHTS = "resnet18_half", WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
+SUBSET_IMAGES = 5000
+# two-sided 97.5% quantiles of Student's t, by degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+BASELINES = {"cross-modal": {"alpha": 0.0}}  # compared with itself at these options instead of with `none`
 
 
 @torch.inference_mode()
@@ -40,16 +56,35 @@ def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(data.to_float(x[i:i + 1000])).argmax(1) for i in range(0, len(x), 1000)])
 
 
-def one_run(method: str, seed: int, npz: Path, epochs: int, batch: int, work: Path, test: data.Dataset,
-            teacher_pred: torch.Tensor, student: str) -> dict:
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def splits(validation: int, split_seed: int, setting: str) -> tuple[torch.Tensor, torch.Tensor, data.Dataset]:
+    """(train indices, validation indices) into Fashion-MNIST's training images, and the data set."""
+    fashion = data.load("fashion-mnist")
+    held = data.stratified_sample(fashion.y_train, validation, split_seed)
+    rest = torch.ones(len(fashion.y_train), dtype=torch.bool)
+    rest[held] = False
+    pool = rest.nonzero().flatten()
+    if setting == "subset":
+        pool = pool[data.stratified_sample(fashion.y_train[pool], SUBSET_IMAGES, split_seed + 1)]
+    return pool, held, fashion
+
+
+def one_run(method: str, options: dict, seed: int, npz: Path, setting: dict, work: Path, scored: dict) -> dict:
     config = cfg.RunConfig(data=str(npz), seed=seed)
-    config.distill.student = student
-    config.distill.batch = batch
     config.teacher.spec, config.teacher.weights = TEACHER, str(TEACHER_WEIGHTS)
-    config.distill.method, config.distill.epochs = method, epochs
-    out = work / f"seed{seed}" / method
-    # the teacher's logits depend on data, seed and teacher only: share them between the methods of a seed
-    shared = work / f"seed{seed}" / "teacher_logits.pt"
+    d = config.distill
+    d.student, d.method, d.method_opts = setting["student"], method, dict(options)
+    d.epochs, d.batch, d.lr, d.precision = setting["epochs"], setting["batch"], setting["lr"], setting["precision"]
+    tag = method + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+    out = work / f"seed{seed}" / tag
+    shared = work / f"seed{seed}" / "teacher_logits.pt"  # depends on data, seed and teacher only
     if shared.is_file():
         (out / "distill").mkdir(parents=True, exist_ok=True)
         shutil.copy(shared, out / "distill" / "teacher_logits.pt")
@@ -60,149 +95,192 @@ def one_run(method: str, seed: int, npz: Path, epochs: int, batch: int, work: Pa
     if (out / "distill" / "teacher_logits.pt").is_file() and not shared.is_file():
         shutil.copy(out / "distill" / "teacher_logits.pt", shared)
     saved = torch.load(out / "distill" / "student.pt", weights_only=True)
-    student, _ = build_model(config.distill.student, "", 1, 10, saved["spec"]["mean"], saved["spec"]["std"], "student")
+    student, _ = build_model(d.student, "", 1, 10, saved["spec"]["mean"], saved["spec"]["std"], "student")
     student.load_state_dict(saved["state_dict"])
-    pred = predict(student, test.x_eval)
-    history = json.loads((out / "distill" / "history.json").read_text())["epochs"]
-    return {"method": method, "seed": seed, "top1": (pred == test.y_eval).float().mean().item(),
-            "agreement": (pred == teacher_pred).float().mean().item(),
-            "epoch_seconds": statistics.mean(e["seconds"] for e in history), "run_seconds": round(wall, 1)}
+    result = {"method": method, "options": options, "seed": seed, "run_seconds": round(wall, 1)}
+    for split, (x, y, teacher_pred) in scored.items():
+        pred = predict(student, x)
+        result[f"{split}_top1"] = (pred == y).float().mean().item()
+        result[f"{split}_agreement"] = (pred == teacher_pred).float().mean().item()
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def paired(values: list[float], base: list[float]) -> dict:
+    """Mean paired difference in points with a 95% Student-t interval over the pairs (seeds)."""
+    diffs = [(a - b) * 100 for a, b in zip(values, base)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return {"mean_pt": mean, "ci95_pt": None, "pairs": len(diffs)}
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean_pt": round(mean, 3), "ci95_pt": [round(mean - half, 3), round(mean + half, 3)], "pairs": len(diffs)}
 
 
 def summarise(runs: list[dict], methods: list[str]) -> list[dict]:
+    def of(method: str, options: dict) -> dict[int, dict]:
+        return {r["seed"]: r for r in runs if r["method"] == method and r["options"] == options and "test_top1" in r}
+
     rows = []
     for method in methods:
-        mine = [r for r in runs if r["method"] == method and "top1" in r]
-        failed = [r for r in runs if r["method"] == method and "error" in r]
         cls = distillers.METHODS[method]
-        row = {"method": method, "family": cls.family, "paper": cls.paper, "seeds": len(mine),
-               "failed": [r["error"] for r in failed]}
+        mine = of(method, {})
+        row = {"method": method, "family": cls.family, "paper": cls.paper, "seeds": sorted(mine),
+               "failed": [r["error"] for r in runs if r["method"] == method and "error" in r]}
         if mine:
-            for key in ("top1", "agreement", "epoch_seconds"):
-                values = [r[key] for r in mine]
-                row[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            for key in ("test_top1", "validation_top1", "test_agreement"):
+                values = [r[key] for r in mine.values()]
+                row[key] = {"mean": statistics.mean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            base_method, base_options = (method, BASELINES[method]) if method in BASELINES else ("none", {})
+            base = of(base_method, base_options)
+            seeds = sorted(set(mine) & set(base))
+            if method not in ("none", "datafree") and seeds:
+                row["baseline"] = base_method + "".join(f" {k}={v}" for k, v in base_options.items())
+                row["gain_vs_baseline"] = paired([mine[s]["test_top1"] for s in seeds],
+                                                 [base[s]["test_top1"] for s in seeds])
+            hinton = of("hinton", {})
+            seeds = sorted(set(mine) & set(hinton))
+            # against Hinton KD only where both train on the same images (not cross-modal's view, not data-free)
+            if method not in ("hinton", "none", "datafree", *BASELINES) and seeds:
+                row["gain_vs_hinton"] = paired([mine[s]["test_top1"] for s in seeds],
+                                               [hinton[s]["test_top1"] for s in seeds])
         rows.append(row)
-    base = next((r for r in rows if r["method"] == "none" and "top1" in r), None)
-    for row in rows:
-        if base and "top1" in row:
-            row["gain_pt"] = (row["top1"]["mean"] - base["top1"]["mean"]) * 100
     return rows
+
+
+def interval(gain: dict | None) -> str:
+    if not gain:
+        return "-"
+    ci = gain["ci95_pt"]
+    return f"{gain['mean_pt']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{gain['mean_pt']:+.2f}"
 
 
 def markdown(result: dict) -> str:
     s = result["setting"]
     lines = [
-        "# Distillation methods on Fashion-MNIST",
-        "",
-        f"Teacher `{s['teacher']}` (shipped weights, {s['teacher_top1'] * 100:.2f}% test top-1), student "
-        f"`{s['student']}`; every method trained for **{s['epochs']} epochs** on the same stratified "
-        f"**{s['train_images']}-image training subset** ({s['per_class']} per class, subset seed {s['subset_seed']}), "
-        f"seeds {', '.join(map(str, s['seeds']))}; scored on the full {s['test_images']}-image test split. "
-        f"Batch {s['batch']} (the trainer's default is 128), otherwise the trainer's defaults (OneCycle SGD lr "
-        f"{s['lr']}, {s['precision']} precision), "
-        f"each method with its paper defaults (`edgecompress methods`); {s['threads']} torch thread per run.",
-        "",
-        f"Measured {s['date']} on {s['host']} ({s['cores']} cores, shared with other jobs: epoch times are "
-        f"indicative only); whole benchmark {s['wall_minutes']:.1f} min wall.",
-        "",
-        "| method | family | paper | top-1 % (mean ± std) | vs student alone (pt) | agreement with teacher % | epoch s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        f"# Distillation methods on Fashion-MNIST: {s['setting']} setting", "",
+        f"Teacher `{s['teacher']}` (shipped weights, {s['teacher_test_top1'] * 100:.2f}% test top-1), student "
+        f"`{s['student']}`; every method {s['epochs']} epoch(s) on the same {s['train_images']} training images "
+        f"(the {s['validation_images']} validation images held out), batch {s['batch']}, OneCycle SGD peak lr "
+        f"{s['lr']}, {s['precision']} precision, seeds {', '.join(map(str, s['seeds']))}; each method with its "
+        f"defaults (`edgecompress methods`). Test top-1 on the {s['test_images']} test images; gains are paired by "
+        f"seed (mean [95% t-interval] in points). Commit {s['commit']}, {s['date']}, {s['host']}.", "",
+        "| method | family | test top-1 % (mean ± std) | vs baseline (pt) | vs hinton (pt) | agreement % |",
+        "|---|---|---|---|---|---|"]
     for r in result["methods"]:
-        if "top1" not in r:
-            lines.append(f"| {r['method']} | {r['family']} | {r['paper']} | failed: {'; '.join(r['failed'])[:120]} | | | |")
+        if "test_top1" not in r:
+            lines.append(f"| {r['method']} | {r['family']} | failed: {'; '.join(r['failed'])[:100]} | | | |")
             continue
-        gain = f"{r['gain_pt']:+.2f}" if "gain_pt" in r and r["method"] != "none" else "baseline"
-        lines.append(f"| {r['method']} | {r['family']} | {r['paper']} | {r['top1']['mean'] * 100:.2f} ± "
-                     f"{r['top1']['std'] * 100:.2f} | {gain} | {r['agreement']['mean'] * 100:.2f} | "
-                     f"{r['epoch_seconds']['mean']:.1f} |")
+        base = "baseline" if r["method"] == "none" else (
+            f"{interval(r.get('gain_vs_baseline'))}" + (f" (vs {r['baseline']})" if r.get("baseline", "none") != "none"
+                                                        else ""))
+        lines.append(f"| {r['method']} | {r['family']} | {r['test_top1']['mean'] * 100:.2f} ± "
+                     f"{r['test_top1']['std'] * 100:.2f} | {base} | {interval(r.get('gain_vs_hinton'))} | "
+                     f"{r['test_agreement']['mean'] * 100:.2f} |")
     lines += ["", *[f"- {note}" for note in result["notes"]], ""]
     return "\n".join(lines)
 
 
+def parse_grid(items: list[str]) -> list[dict]:
+    """`key=v1,v2 other=w1` -> the cartesian product of the options, as strings (the method coerces them)."""
+    grid = [{}]
+    for item in items:
+        key, _, values = item.partition("=")
+        grid = [g | {key: v} for g in grid for v in values.split(",")]
+    return grid
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-class", type=int, default=50, help="training images per class in the subset")
-    parser.add_argument("--subset-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(distillers.METHODS))
-    # smaller than the trainer's 128: on 500 images, 128 leaves too few steps for any student to learn much
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--setting", choices=("subset", "full"), default="subset")
+    parser.add_argument("--validation", type=int, default=5000, help="training images held out for tuning")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+",
+                        default=[m for m in distillers.METHODS if m != "datafree"])
+    parser.add_argument("--epochs", type=int, default=cfg.DistillConfig().epochs)
+    parser.add_argument("--batch", type=int, default=cfg.DistillConfig().batch)
+    parser.add_argument("--lr", type=float, default=cfg.DistillConfig().lr)
+    parser.add_argument("--precision", default="fp32", help="fp32 by default: bf16 autocast's rounding adds noise")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--student", default=cfg.DistillConfig().student, help="zoo name (default: the default student)")
-    parser.add_argument("--redo", nargs="+", default=[], metavar="METHOD",
-                        help="rerun only these methods' runs, keeping the rest of benchmarks/results/kd_methods.json")
+    parser.add_argument("--student", default=cfg.DistillConfig().student)
+    parser.add_argument("--tune", nargs="+", metavar=("METHOD", "KEY=V1,V2"),
+                        help="a grid of one method's options, scored on the validation split only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
 
-    fashion = data.load("fashion-mnist")
-    subset = data.stratified_sample(fashion.y_train, args.per_class * fashion.num_classes, args.subset_seed)
-    setting = {"teacher": TEACHER, "student": args.student, "epochs": args.epochs,
-               "per_class": args.per_class, "train_images": len(subset), "subset_seed": args.subset_seed,
-               "seeds": args.seeds, "test_images": len(fashion.y_eval), "batch": args.batch,
-               "lr": cfg.DistillConfig().lr, "threads": args.threads}
-    partial_path, runs, earlier_minutes = RESULTS / "kd_methods.partial.json", [], 0.0
+    if args.tune:
+        method, grid = args.tune[0], parse_grid(args.tune[1:])
+        plan = [(method, g) for g in grid]
+        stem = f"kd_tuning-{method}-{args.setting}"
+    else:
+        plan = [(m, {}) for m in args.methods] + [(m, o) for m, o in BASELINES.items() if m in args.methods]
+        if "hinton" not in args.methods or "none" not in args.methods:
+            parser.error("--methods must include none and hinton (the baselines every gain is paired with)")
+        stem = f"kd_methods-{args.setting}"
+    train_idx, val_idx, fashion = splits(args.validation, args.split_seed, args.setting)
+    setting = {"setting": args.setting, "teacher": TEACHER, "student": args.student, "epochs": args.epochs,
+               "batch": args.batch, "lr": args.lr, "precision": args.precision, "threads": args.threads,
+               "train_images": len(train_idx), "validation_images": len(val_idx), "split_seed": args.split_seed,
+               "test_images": len(fashion.y_eval), "seeds": args.seeds, "commit": commit(),
+               "schedule": "OneCycle (the distill stage's), SGD Nesterov momentum 0.9, weight decay "
+                           f"{cfg.DistillConfig().weight_decay}"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial_path, runs = args.out / f"{stem}.partial.json", []
     if partial_path.is_file():
         saved = json.loads(partial_path.read_text())
-        if saved["setting"] == setting:
+        if {k: v for k, v in saved["setting"].items() if k != "commit"} == \
+                {k: v for k, v in setting.items() if k != "commit"}:
             runs = saved["runs"]
-    elif args.redo:  # keep the finished result's other runs, rerun these methods' runs
-        saved = json.loads((RESULTS / "kd_methods.json").read_text())
-        if {k: saved["setting"].get(k) for k in setting} != setting:
-            parser.error("--redo needs benchmarks/results/kd_methods.json made with the same settings")
-        runs = [r for r in saved["runs"] if r["method"] not in args.redo]
-        earlier_minutes = saved["setting"]["wall_minutes"]
-    resumed = len(runs)
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))
     try:
-        npz = work / "fashion-subset.npz"
-        np.savez(npz, x=fashion.x_train[subset, 0].numpy(), y=fashion.y_train[subset].numpy(),
+        npz = work / "fashion-train.npz"
+        np.savez(npz, x=fashion.x_train[train_idx, 0].numpy(), y=fashion.y_train[train_idx].numpy(),
                  x_test=fashion.x_eval[:, 0].numpy(), y_test=fashion.y_eval.numpy())
-        test = data.load(str(npz))
-        mean, std = data.channel_stats(test.x_train)
-        teacher, _ = load_teacher(TEACHER, str(TEACHER_WEIGHTS), test.name, 1, 10, mean, std)
-        teacher_pred = predict(teacher, test.x_eval)
-        teacher_top1 = (teacher_pred == test.y_eval).float().mean().item()
+        train = data.load(str(npz))
+        mean, std = data.channel_stats(train.x_train)
+        teacher, _ = load_teacher(TEACHER, str(TEACHER_WEIGHTS), train.name, 1, 10, mean, std)
+        x_val, y_val = fashion.x_train[val_idx], fashion.y_train[val_idx]
+        scored = {"validation": (x_val, y_val, predict(teacher, x_val)),
+                  "test": (fashion.x_eval, fashion.y_eval, predict(teacher, fashion.x_eval))}
+        setting["teacher_test_top1"] = (scored["test"][2] == fashion.y_eval).float().mean().item()
         for seed in args.seeds:
-            for method in args.methods:
-                if any(r["method"] == method and r["seed"] == seed for r in runs):
+            for method, options in plan:
+                if any(r["method"] == method and r["options"] == options and r["seed"] == seed for r in runs):
                     continue
                 try:
-                    run = one_run(method, seed, npz, args.epochs, args.batch, work, test, teacher_pred, args.student)
+                    run = one_run(method, options, seed, npz, setting, work, scored)
                 except EdgeError as exc:  # a method that cannot run here is reported, not hidden
-                    run = {"method": method, "seed": seed, "error": str(exc)}
+                    run = {"method": method, "options": options, "seed": seed, "error": str(exc)}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
                 files.write_json(partial_path, {"setting": setting, "runs": runs})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    host = cfg.host()
-    setting |= {"teacher_top1": teacher_top1, "precision": "bf16 autocast" if cfg.cpu_has_bf16() else "fp32",
-                "host": host["cpu"], "cores": host.get("cores"), "date": time.strftime("%Y-%m-%d"),
-                "wall_minutes": earlier_minutes + (time.perf_counter() - began) / 60, "versions": cfg.versions()}
-    notes = ["`multi-teacher` runs here with the one default teacher, where both combinations reduce to Hinton KD "
-             "against that teacher; two teachers of different architectures are exercised in "
-             "tests/test_distill.py.",
-             "`cross-modal` uses its default view: the student sees a 14x14 downsampled image (shown at 28x28), "
-             "the teacher the full image; it is scored on full test images.",
-             "`dml` and `self-distill` use no teacher; `dml` trains one peer beside the student and reports the student.",
-             "`datafree` reads no training image: it synthesises its own from the teacher's batch-norm statistics "
-             "(DeepInversion) and trains the epochs on those; with `--epochs 150` it reaches 74.50% (README)."]
-    left_out = [m for m in distillers.METHODS if m not in args.methods]
-    if left_out:
-        notes.append(f"not run here: {', '.join(left_out)} (see the README's section on distillation methods for "
-                     "how it was measured)")
-    if resumed:
-        notes.append(f"{resumed} of the {len(runs)} runs come from an earlier invocation"
-                     f"{' (rerun here: ' + ', '.join(args.redo) + ')' if args.redo else ''}; the wall time adds both "
-                     "invocations")
-    result = {"setting": setting, "methods": summarise(runs, args.methods), "runs": runs, "notes": notes}
-    print(markdown(result))
-    files.write_json(RESULTS / "kd_methods.json", result)
-    files.write_text(RESULTS / "kd_methods.md", markdown(result))
+    setting |= {"date": time.strftime("%Y-%m-%d"), "host": provenance()["host"]["cpu"],
+                "wall_minutes": round((time.perf_counter() - began) / 60, 1)}
+    if args.tune:
+        table = [{"options": g, "validation_top1": statistics.mean(r["validation_top1"] for r in runs
+                                                                   if r["options"] == g and "validation_top1" in r)}
+                 for g in parse_grid(args.tune[1:])]
+        result = {"setting": setting, "method": args.tune[0], "grid": table, "runs": runs,
+                  "chosen": max(table, key=lambda row: row["validation_top1"])["options"],
+                  "rule": "highest mean validation top-1; the test images are not read"}
+        files.write_json(args.out / f"{stem}.json", result)
+        print(json.dumps(result["grid"], indent=1))
+    else:
+        notes = ["`multi-teacher` runs with the one default teacher, where both combinations reduce to Hinton KD.",
+                 "`cross-modal`: the student sees a 14x14 downsampled view (shown at 28x28); its baseline is "
+                 "cross-modal with alpha = 0, the student trained alone on the same view; scored on full test "
+                 "images.",
+                 "`dml` and `self-distill` use no teacher; `dml` reports the first of its two students."]
+        result = {"setting": setting, "methods": summarise(runs, args.methods), "runs": runs, "notes": notes}
+        files.write_json(args.out / f"{stem}.json", result)
+        files.write_text(args.out / f"{stem}.md", markdown(result))
+        print(markdown(result))
     partial_path.unlink(missing_ok=True)
     return 0
 
