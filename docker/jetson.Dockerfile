@@ -26,7 +26,15 @@ COPY pipeline/ pipeline/
 COPY models/ models/
 COPY targets/ targets/
 # PyPI's aarch64 torch wheel is a CPU build: it runs the teacher in verify; TensorRT runs the student on the GPU/DLA.
-RUN python3 -m pip install -c constraints.txt . \
+# Where it comes from, as in cpu.Dockerfile: docker/wheels/ (wheels pip looks at first; empty in git),
+# TORCH_INDEX_URL (empty: no index, torch only from docker/wheels/), PIP_INDEX_URL (everything else).
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL=https://pypi.org/simple
+COPY docker/wheels/ /tmp/wheels/
+RUN set -- --no-index; [ -z "$TORCH_INDEX_URL" ] || set -- --index-url "$TORCH_INDEX_URL"; \
+    python3 -m pip install --no-deps --find-links /tmp/wheels "$@" -c constraints.txt torch \
+    && python3 -m pip install --find-links /tmp/wheels -c constraints.txt . \
+    && rm -rf /tmp/wheels \
     && useradd --create-home --uid 1001 edge
 # numeric, so the host resolves it; `edgecompress docker` runs with --user (host uid) so run files stay yours
 USER 1001

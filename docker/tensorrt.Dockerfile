@@ -20,8 +20,16 @@ COPY pipeline/ pipeline/
 COPY models/ models/
 COPY targets/ targets/
 # torch only runs the teacher in verify, on the CPU: its CPU build keeps the image free of a second CUDA stack.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu -c constraints.txt torch \
-    && pip install -c constraints.txt . \
+# Where it comes from, as in cpu.Dockerfile: docker/wheels/ (wheels pip looks at first; empty in git),
+# TORCH_INDEX_URL (empty: no index, torch only from docker/wheels/), PIP_INDEX_URL (everything else).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL=https://pypi.org/simple
+COPY docker/wheels/ /tmp/wheels/
+RUN set -- --no-index; [ -z "$TORCH_INDEX_URL" ] || set -- --index-url "$TORCH_INDEX_URL"; \
+    pip install --no-deps --find-links /tmp/wheels "$@" -c constraints.txt torch \
+    && pip install --find-links /tmp/wheels -c constraints.txt . \
+    && python3 -c "import sys, torch; sys.exit(torch.version.cuda and f'torch {torch.__version__} is a CUDA build')" \
+    && rm -rf /tmp/wheels \
     && useradd --create-home --uid 1001 edge
 # numeric, so the host resolves it; `edgecompress docker` runs with --user (host uid) so run files stay yours
 USER 1001

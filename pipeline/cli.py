@@ -263,12 +263,18 @@ def targets_show(name):
 @click.argument("target")
 @click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="The run directory (made by `compress --target TARGET`) the container finishes and verifies.")
+@click.option("--tool", type=click.Choice(["docker", "podman", "buildah"]),
+              help="Build and run with this tool.  [default: Docker where an engine answers, else podman, else "
+                   "buildah; none: print Docker's commands]")
+@click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
+              help="A build argument of the Dockerfile, repeatable: BASE_IMAGE, TORCH_INDEX_URL (empty: torch only "
+                   "from the wheels in docker/wheels/), PIP_INDEX_URL.")
+@click.option("--dry-run", is_flag=True, help="Print the commands the chosen tool would run; run nothing.")
 @common
-def docker_command(target, run_dir, quiet, debug):
-    """Print the docker build and run commands that finish and verify RUN_DIR with TARGET's runtime in its image
-    (docker/*.Dockerfile); run them when a Docker engine answers."""
-    import shlex
-
+def docker_command(target, run_dir, tool, build_args, dry_run, quiet, debug):
+    """Build TARGET's image (docker/*.Dockerfile) and export and verify RUN_DIR in it with the target's runtime:
+    with Docker where an engine answers, else podman, else buildah (no daemon needed). Prints the commands first;
+    where no tool can run them, prints Docker's and stops."""
     from edgecompress import targets as profiles
 
     from . import containers
@@ -282,17 +288,12 @@ def docker_command(target, run_dir, quiet, debug):
         if made_for != profile.name:
             raise BadInput(f"{run_dir} was made for target {made_for}, not {profile.name}: "
                            f"use `edgecompress docker {made_for} --run-dir {run_dir}`")
-    build, *runs = containers.commands(profile, run_dir)
-    click.echo(f"# build the {profile.name} image ({profile.docker.base_image}, {profile.docker.platform})")
-    click.echo(shlex.join(build))
-    click.echo(f"# export and verify {shlex.quote(str(run_dir))} with the target's runtime")
-    for command in runs:
-        click.echo(shlex.join(command))
-    reason = containers.engine_answers()
-    if reason:
-        click.echo(f"# not run here: {reason}; run the commands above where a Docker engine answers")
-        return 0
-    containers.run([build, *runs], click.echo)
+    plan = containers.plan(profile, run_dir, tool or "", containers.parse_build_args(build_args))
+    for line in containers.script(plan, profile, run_dir, dry_run):
+        click.echo(line)
+    if plan.tool and not dry_run:
+        containers.run(plan, click.echo)
+        click.echo(f"# exported and verified in {containers.image_tag(profile)}, built and run with {plan.tool}")
     return 0
 
 

@@ -635,7 +635,8 @@ def test_a_run_directory_naming_code_is_refused_until_the_user_trusts_its_folder
         assert marker.exists()  # trusted: imported, and its factory's SystemExit(3) is one line
 
 
-def test_docker_commands_vouch_for_the_code_of_the_users_own_run(where, small_npz, teacher_spec, capsys):
+def test_docker_commands_vouch_for_the_code_of_the_users_own_run(where, small_npz, teacher_spec, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(where.out.parent / "no-tools"))  # no docker, podman or buildah: Docker's commands
     run = where.out
     run.mkdir()
     (run / "run.toml").write_text(f'data = "{small_npz}"\ntarget = "x86-cpu"\n[teacher]\nspec = "{teacher_spec}"\n')

@@ -43,21 +43,28 @@ def config_file(path: Path, epochs: int) -> Path:
 _small_runs: dict[Path, Path] = {}  # one run per test session (its base temp folder), for every test module
 
 
+def write_small_data(base: Path, fashion_raw) -> Path:
+    """base/fmnist.npz with 600 training and 200 test images of Fashion-MNIST (60 and 20 per class), and
+    base/config.toml with the small runs' short settings."""
+
+    def take(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = fashion_raw[f"x_{split}"], fashion_raw[f"y_{split}"]
+        idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
+        return x[idx], y[idx].astype(np.int64)
+
+    (x, y), (x_test, y_test) = take("train", 60), take("test", 20)
+    np.savez(base / "fmnist.npz", x=x, y=y, x_test=x_test, y_test=y_test)
+    (base / "config.toml").write_text(SMALL_RUN_CONFIG)
+    return base / "fmnist.npz"
+
+
 def small_run_dir(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
     """One `edgecompress compress` per test session on 600 training and 200 test images of Fashion-MNIST
     (60 and 20 per class), a tiny factory teacher, resnet_slim_050 for 1 epoch and short latency runs."""
     root = tmp_path_factory.getbasetemp()
     if root not in _small_runs:
         base = tmp_path_factory.mktemp("small-run")
-
-        def take(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-            x, y = fashion_raw[f"x_{split}"], fashion_raw[f"y_{split}"]
-            idx = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
-            return x[idx], y[idx].astype(np.int64)
-
-        (x, y), (x_test, y_test) = take("train", 60), take("test", 20)
-        np.savez(base / "fmnist.npz", x=x, y=y, x_test=x_test, y_test=y_test)
-        (base / "config.toml").write_text(SMALL_RUN_CONFIG)
+        write_small_data(base, fashion_raw)
         args = ["compress", "--teacher", teacher_spec, "--data", str(base / "fmnist.npz"), "--student",
                 "resnet_slim_050", "--epochs", "1", "--target", str(lenient_target(base / "target.toml")),
                 "--config", str(base / "config.toml"), "--out", str(base / "run"), "--quiet"]
