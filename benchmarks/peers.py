@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows.values():
         row["p50_ms"] = {b: round(float(np.median(v)), 4) for b, v in row["session_p50_ms"].items()}
     result = {"run": str(args.run), "eval_images": len(labels), "threads": t, "rounds": args.rounds,
-              "seconds_per_session": args.seconds, "versions": {"openvino": ov.__version__, "nncf": nncf.__version__,
-                                                                  "onnxruntime": onnxruntime.__version__,
-                                                                  "torch": torch.__version__},
+              "seconds_per_session": args.seconds, "peer_versions": {"openvino": ov.__version__, "nncf": nncf.__version__,
+                                                                       "onnxruntime": onnxruntime.__version__,
+                                                                       "torch": torch.__version__},
               "calibration_images": len(calibration), "rows": list(rows.values()),
               "wall_minutes": round((time.perf_counter() - began) / 60, 1),
               "date": time.strftime("%Y-%m-%d"), **provenance()}
@@ -156,8 +156,9 @@ def markdown(result: dict) -> str:
     ours = next(r for r in rows if r["model"].startswith("edgecompress artifact, ONNX"))
     lines = [f"# The artifact against its peers ({result['eval_images']} eval images, {result['threads']} thread, "
              f"{result['rounds']} interleaved rounds)", "",
-             f"openvino {result['versions']['openvino']}, nncf {result['versions']['nncf']}, onnxruntime "
-             f"{result['versions']['onnxruntime']}, torch {result['versions']['torch']}; {result['host']['cpu']}, "
+             f"openvino {result['peer_versions']['openvino']}, nncf {result['peer_versions']['nncf']}, onnxruntime "
+             f"{result['peer_versions']['onnxruntime']}, torch {result['peer_versions']['torch']}; "
+             f"{result['host']['cpu']}, "
              f"{result['date']}. Latency: median of the rounds' session medians, ms per batch.", "",
              "| model | top-1 % | bs1 ms | bs64 ms | bs1 vs artifact (ORT) | bs64 vs artifact (ORT) |",
              "|---|---|---|---|---|---|"]

@@ -298,6 +298,24 @@ def photos(results: Path) -> str:
              f"{top1s(a['online'])}{verdict}", "  ")])
 
 
+def peers(results: Path) -> str:
+    """The artifact against the alternatives a user would pick, from peers.json (benchmarks/peers.py)."""
+    r = load(results, "peers")
+    rows = {row["model"]: row for row in r["rows"]}
+    ours = rows["edgecompress artifact, ONNX Runtime int8"]
+    v = r["peer_versions"]
+    lines = [para(f"Measured by `benchmarks/peers.py` on the default run ({r['eval_images']:,} test images, "
+                  f"{r['threads']} thread, {r['rounds']} interleaved rounds of fresh sessions; OpenVINO "
+                  f"{v['openvino']}, NNCF {v['nncf']}, ONNX Runtime {v['onnxruntime']}) on {host_words(r)}:"), "",
+             "| model | top-1 | bs1 p50 | bs64 p50 | bs1 vs the artifact | bs64 vs the artifact |",
+             "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['model']} | {pct(row['top1'])} | {row['p50_ms']['bs1']:.3f} ms | "
+                     f"{row['p50_ms']['bs64']:.2f} ms | {row['p50_ms']['bs1'] / ours['p50_ms']['bs1']:.2f}x | "
+                     f"{row['p50_ms']['bs64'] / ours['p50_ms']['bs64']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "students224-zoo": students224_zoo,
     "students224-distill": students224_distill,
@@ -306,6 +324,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "perf": perf,
     "quantization": quantization,
     "photos": photos,
+    "peers": peers,
 }
 
 
