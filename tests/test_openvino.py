@@ -2,23 +2,27 @@
 eval images at export, and run by OpenVINO's CPU plugin in verify. Skips where the `openvino` extra is absent."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgecompress import export, targets, verify
+from edgecompress import targets
 from edgecompress.backends import openvino as ov_backend
 from edgecompress.backends.onnxruntime import OrtRunner
 from edgecompress.errors import BadInput
-from edgecompress.runner import RunContext, open_run
 
 from testkit import small_run_dir
 
-openvino = pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install "
-                                                  "'edgecompress[openvino]'")
+# OpenVINO runs in the CLI's own processes, never in the test process: its native thread pool then cannot meet
+# the test process's other runtimes over a whole session
+if importlib.util.find_spec("openvino") is None:
+    pytest.skip("the openvino extra is not installed: pip install 'edgecompress[openvino]'", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -27,23 +31,27 @@ def small_run(tmp_path_factory, fashion_raw, teacher_spec) -> Path:
 
 
 @pytest.fixture(scope="module")
-def openvino_run(small_run, tmp_path_factory) -> RunContext:
-    """The small run's distilled and quantized student, exported and verified for x86-openvino."""
+def openvino_run(small_run, tmp_path_factory, teacher_spec) -> Path:
+    """`edgecompress compress --target x86-openvino` in a copy of the small run: its student, quantized, exported and
+    verified for OpenVINO, by the CLI in its own process."""
     out = tmp_path_factory.mktemp("openvino") / "run"
     shutil.copytree(small_run, out, ignore=shutil.ignore_patterns("export", "verify", ".lock"))
-    config = open_run(out)
-    config.target = str(tmp_path_factory.mktemp("target") / "x86-openvino.toml")
-    Path(config.target).write_text((targets.PROFILE_DIR / "x86-openvino.toml").read_text()
-                                   .replace("max_accuracy_drop = 2.0", "max_accuracy_drop = 100.0")
-                                   .replace("min_speedup = 10.0", "min_speedup = 0.0"))
-    ctx = RunContext(out, config, quiet=True)
-    export.run(ctx)
-    verify.run(ctx)
-    return ctx
+    target = tmp_path_factory.mktemp("target") / "x86-openvino.toml"
+    target.write_text((targets.PROFILE_DIR / "x86-openvino.toml").read_text()
+                      .replace("max_accuracy_drop = 2.0", "max_accuracy_drop = 100.0")
+                      .replace("min_speedup = 10.0", "min_speedup = 0.0"))
+    base = small_run.parent  # the small run's data and config (testkit.small_run_dir)
+    done = subprocess.run([sys.executable, "-m", "edgecompress", "compress", "--teacher", teacher_spec, "--data",
+                           str(base / "fmnist.npz"), "--student", "resnet_slim_050", "--epochs", "1", "--target",
+                           str(target), "--config", str(base / "config.toml"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "[distill] up to date, skipped" in done.stderr  # the student is the small run's: only the target changed
+    return out
 
 
 def test_openvino_export_writes_ir_that_gives_the_qdq_models_classes(openvino_run):
-    out = openvino_run.out / "export" / openvino_run.target.name
+    out = openvino_run / "export" / "x86-openvino"
     build = json.loads((out / "build.json").read_text())
     assert build["runtime"] == "openvino" and build["format"] == "openvino-ir-int8"
     assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
@@ -51,25 +59,22 @@ def test_openvino_export_writes_ir_that_gives_the_qdq_models_classes(openvino_ru
     assert check["images"] > 0 and check["top1_agreement"] > 0.9
     assert build["compile_options"] == {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                                         "INFERENCE_PRECISION_HINT": "f32"}
-    # the IR keeps int8: OpenVINO reads the Q/DQ pairs as FakeQuantize
-    ops = {op.get_type_name() for op in openvino.Core().read_model(str(out / "model.xml")).get_ops()}
-    assert "FakeQuantize" in ops
+    # the IR keeps int8: OpenVINO reads the Q/DQ pairs as FakeQuantize layers
+    assert 'type="FakeQuantize"' in (out / "model.xml").read_text()
 
 
-def test_verify_runs_the_ir_in_openvino_and_scores_it_like_onnx_runtime(openvino_run):
-    report = json.loads((openvino_run.out / "verify" / "report.json").read_text())
+def test_verify_runs_the_ir_in_openvino_and_scores_it_like_onnx_runtime(openvino_run, small_run):
+    report = json.loads((openvino_run / "verify" / "report.json").read_text())
     artifact = report["artifact"]
-    assert artifact["runtime"] == "openvino-int8" and artifact["path"].endswith("model.xml")
-    assert artifact["settings"]["openvino"] == openvino.__version__
-    assert artifact["settings"]["PERFORMANCE_HINT"] == "LATENCY" and artifact["settings"]["INFERENCE_NUM_THREADS"] == 1
+    assert artifact["runtime"] == "openvino-int8" and artifact["path"] == "export/x86-openvino/model.xml"
+    assert artifact["settings"]["openvino"] and artifact["settings"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert artifact["settings"]["INFERENCE_NUM_THREADS"] == 1
     assert "measured_with" not in artifact and report["unverified"] == []
-    # the same images through ONNX Runtime on the Q/DQ model: OpenVINO's int8 kernels give the same classes
-    x = np.load(openvino_run.config.data)["x_test"][:, None].astype(np.float32) / 255
-    ir = ov_backend.OpenVINORunner(openvino_run.out / artifact["path"], 1, openvino_run.target.openvino, "ov")(x)
-    ort = OrtRunner(openvino_run.out / "quantize" / "student.int8.onnx", 1, "ort")(x)
-    assert (ir.argmax(1) == ort.argmax(1)).mean() > 0.9
-    assert report["artifact"]["accuracy"] == pytest.approx(float((ir.argmax(1) == np.load(
-        openvino_run.config.data)["y_test"]).mean()), abs=1e-9)
+    # the same test images through ONNX Runtime on the Q/DQ model: OpenVINO's int8 kernels score alike
+    data = np.load(small_run.parent / "fmnist.npz")
+    x = data["x_test"][:, None].astype(np.float32) / 255
+    ort = OrtRunner(openvino_run / "quantize" / "student.int8.onnx", 1, "ort")(x)
+    assert artifact["accuracy"] == pytest.approx(float((ort.argmax(1) == data["y_test"]).mean()), abs=0.03)
 
 
 def test_a_class_change_beyond_rounding_is_a_contradiction():
