@@ -18,9 +18,9 @@ from pathlib import Path
 from .. import files
 from ..errors import StageFailed
 from ..schemes import Scheme
-from .base import ArtifactRunner, Backend, register
+from .base import register
 from .common import check_images, compare_outputs, io_description
-from .onnxruntime import available_providers, load_session, ort_artifact_runner, ort_outputs, ort_settings_record
+from .onnxruntime import OnnxRuntimeBackend, available_providers, load_session, ort_outputs, ort_settings_record
 
 CONFIG_NAME = "required_operators.config"
 
@@ -113,7 +113,10 @@ def arm_scheme(target) -> Scheme:
                   rationale="QDQ operators that the ORT mobile (ORT format) build runs on ARM64")
 
 
-class OrtMobileBackend(Backend):
+class OrtMobileBackend(OnnxRuntimeBackend):
+    """ONNX Runtime's own backend with the ARM scheme and the .ort export; its environment (the ONNX Runtime version)
+    and its artifact runner (the .ort file in a full ONNX Runtime on this host's CPU) are ONNX Runtime's."""
+
     name = "onnxruntime-mobile"
 
     def int8_scheme(self, target) -> Scheme:
@@ -121,14 +124,6 @@ class OrtMobileBackend(Backend):
 
     def export(self, ctx, source: Path, out_dir: Path) -> dict:
         return export(ctx, source, out_dir)
-
-    def environment(self) -> dict:
-        import onnxruntime as ort
-
-        return {"onnxruntime": ort.__version__}
-
-    def artifact_runner(self, ctx, build: dict) -> ArtifactRunner:
-        return ort_artifact_runner(ctx, build)  # the .ort file, in a full ONNX Runtime on this host's CPU
 
 
 BACKEND = register(OrtMobileBackend())
