@@ -32,6 +32,13 @@ class Scheme:
         return asdict(self)
 
 
+def from_profile(target, name: str, rationale: str) -> Scheme:
+    """The int8 QDQ a CPU target's profile asks for: its activation type (uint8 asymmetric, or int8 symmetric), its
+    weight type and per-channel choice; the scheme of every CPU backend (ONNX Runtime x86 and mobile, OpenVINO)."""
+    return Scheme(name, "int8", target.activation_type, target.weight_type, target.per_channel,
+                  activation_symmetric=target.activation_type == "int8", rationale=rationale)
+
+
 def float16(target) -> Scheme:
     """fp16 weights and compute for GPU targets that ask for it; inputs and outputs stay fp32."""
     return Scheme("fp16", "fp16", rationale="fp16 conversion, inputs and outputs kept fp32")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import files
+from .. import files, schemes
 from ..errors import StageFailed
 from ..schemes import Scheme
 from .base import ArtifactRunner, Backend, register
@@ -100,11 +100,10 @@ def ort_outputs(path: Path, x: np.ndarray, providers: list[str], threads: int = 
 
 def x86_scheme(target) -> Scheme:
     """ONNX Runtime on x86: QDQ, uint8 activations (asymmetric), int8 per-channel weights."""
-    return Scheme(
-        "onnxruntime-x86-qdq", "int8", target.activation_type, target.weight_type, target.per_channel,
-        activation_symmetric=target.activation_type == "int8",
-        rationale="uint8 activations x int8 weights use ORT's u8s8 (VNNI) kernels on x86; int8 activations "
-                  "(s8s8) measured slower on x86, see benchmarks/results/quantization.md")
+    return schemes.from_profile(
+        target, "onnxruntime-x86-qdq",
+        "uint8 activations x int8 weights use ORT's u8s8 (VNNI) kernels on x86; int8 activations (s8s8) measured "
+        "slower on x86, see benchmarks/results/quantization.md")
 
 
 def export(ctx, source: Path, out_dir: Path) -> dict:

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import files
+from .. import files, schemes
 from ..errors import BadInput, StageFailed
 from ..schemes import Scheme
 from .base import ArtifactRunner, Backend, register
 from .common import check_images, io_description, onnx_format
 from .onnxruntime import ort_outputs
-
 
 
 def contradictions(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> int:
@@ -68,9 +67,8 @@ class OpenVINORunner:
 def openvino_scheme(target) -> Scheme:
     """The same QDQ as ONNX Runtime on x86 (uint8 activations, int8 per-channel weights): OpenVINO's CPU plugin
     runs u8 x i8 convolutions with VNNI, and reads the pairs as FakeQuantize."""
-    return Scheme("openvino-qdq", "int8", target.activation_type, target.weight_type, target.per_channel,
-                  activation_symmetric=target.activation_type == "int8",
-                  rationale="Q/DQ ONNX that OpenVINO converts to FakeQuantize and runs with its int8 CPU kernels")
+    return schemes.from_profile(target, "openvino-qdq",
+                                "Q/DQ ONNX that OpenVINO converts to FakeQuantize and runs with its int8 CPU kernels")
 
 
 def export(ctx, source: Path, out_dir: Path) -> dict:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .. import files
+from .. import files, schemes
 from ..errors import StageFailed
 from ..schemes import Scheme
 from .base import register
@@ -108,9 +108,8 @@ def export(ctx, source: Path, out_dir: Path) -> dict:
 def arm_scheme(target) -> Scheme:
     """ONNX Runtime mobile on ARM64: QDQ with the profile's activation type (uint8 asymmetric or int8
     symmetric, both run by ORT's ARM kernels) and int8 per-channel weights."""
-    return Scheme("onnxruntime-mobile-qdq", "int8", target.activation_type, target.weight_type, target.per_channel,
-                  activation_symmetric=target.activation_type == "int8",
-                  rationale="QDQ operators that the ORT mobile (ORT format) build runs on ARM64")
+    return schemes.from_profile(target, "onnxruntime-mobile-qdq",
+                                "QDQ operators that the ORT mobile (ORT format) build runs on ARM64")
 
 
 class OrtMobileBackend(OnnxRuntimeBackend):

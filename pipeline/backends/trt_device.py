@@ -24,15 +24,20 @@ def _libcuda():
     return None
 
 
+def _driver():
+    """(libcuda, the number of devices it reports) after cuInit; (None, 0) without a driver or a device."""
+    cuda, count = _libcuda(), ctypes.c_int(0)
+    if cuda is None or cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return None, 0
+    return cuda, count.value
+
+
 def cuda_devices() -> list[dict]:
     """Name and compute capability of each CUDA device the driver reports ([] without a driver or a device):
     libcuda's cuInit, cuDeviceGetCount, cuDeviceGetName and cuDeviceGetAttribute."""
-    cuda = _libcuda()
-    count = ctypes.c_int(0)
-    if cuda is None or cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return []
+    cuda, count = _driver()
     devices = []
-    for ordinal in range(count.value):
+    for ordinal in range(count):
         device, name = ctypes.c_int(0), ctypes.create_string_buffer(256)
         major, minor = ctypes.c_int(0), ctypes.c_int(0)
         if cuda.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
@@ -46,11 +51,7 @@ def cuda_devices() -> list[dict]:
 
 def cuda_device_count() -> int:
     """CUDA devices the driver reports (0 without a driver): libcuda's cuInit + cuDeviceGetCount."""
-    cuda = _libcuda()
-    count = ctypes.c_int(0)
-    if cuda is None or cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
+    return _driver()[1]
 
 
 def cuda_driver_version() -> str:
