@@ -98,8 +98,9 @@ def markdown(r: dict) -> str:
                      f"[{diff['ci95'][0] * 100:+.2f}, {diff['ci95'][1] * 100:+.2f}]")
     max_latency = f"{b['max_latency_ms']} ms" if b["max_latency_ms"] else "none"
     min_speedup = f"{b['min_speedup']}x" if b["min_speedup"] else "none"
+    max_size = f"{b['max_size_mb']} MB" if b.get("max_size_mb") else "none"
     lines += [f"- Budgets (max drop {b['max_accuracy_drop']} pt, max latency {max_latency}, "
-              f"min speedup {min_speedup}): **{'passed' if b['passed'] else 'FAILED'}**"]
+              f"min speedup {min_speedup}, max size {max_size}): **{'passed' if b['passed'] else 'FAILED'}**"]
     lines += [f"  - {f}" for f in b["failed"]]
     k = r["artifact"].get("kernels")
     if k:
@@ -349,8 +350,9 @@ def html_report(r: dict, images: dict[str, bytes]) -> str:
                    f"{_percent_ci(r, path + '.ci95', True)}</li>")
     max_latency = f"{_number(r, 'budgets.max_latency_ms', 3)} ms" if b["max_latency_ms"] else "none"
     min_speedup = f"{_number(r, 'budgets.min_speedup', 1)}x" if b["min_speedup"] else "none"
+    max_size = f"{_number(r, 'budgets.max_size_mb', 3)} MB" if b.get("max_size_mb") else "none"
     out.append(f"<li>Budgets (max drop {_number(r, 'budgets.max_accuracy_drop')} pt, max latency {max_latency}, "
-               f"min speedup {min_speedup}): {verdict}"
+               f"min speedup {min_speedup}, max size {max_size}): {verdict}"
                + ("<ul>" + "".join(f"<li>{esc(f)}</li>" for f in b["failed"]) + "</ul>" if b["failed"] else "")
                + "</li></ul>")
     if r["unverified"]:

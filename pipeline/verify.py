@@ -281,6 +281,12 @@ def run(ctx: RunContext) -> Path:
                       f"max_latency_ms {budgets.max_latency_ms}")
     if on_device and budgets.min_speedup and speedup < budgets.min_speedup:
         failed.append(f"speedup {speedup:.1f}x < min_speedup {budgets.min_speedup}")
+    size_mb = results["artifact"]["size_bytes"] / 1e6
+    if budgets.max_size_mb and not on_device:
+        # the stand-in's file is the graph an engine is built from, not the engine the device would ship
+        build["unverified"].append("size budget (max_size_mb): needs the engine, which is built on the device")
+    elif budgets.max_size_mb and size_mb > budgets.max_size_mb:
+        failed.append(f"artifact {results['artifact']['path']} is {size_mb:.3f} MB > max_size_mb {budgets.max_size_mb}")
 
     result = {
         "schema": SCHEMA, "target": target.name,
@@ -293,7 +299,8 @@ def run(ctx: RunContext) -> Path:
         "accuracy_drop_pt": round(drop, 3),
         "accuracy_differences": differences,
         "budgets": {"max_accuracy_drop": budgets.max_accuracy_drop, "max_latency_ms": budgets.max_latency_ms,
-                    "min_speedup": budgets.min_speedup, "passed": not failed, "failed": failed},
+                    "min_speedup": budgets.min_speedup, "max_size_mb": budgets.max_size_mb, "passed": not failed,
+                    "failed": failed},
         "unverified": build["unverified"],
         "statistics": {
             "level": stats.LEVEL, "resamples": resamples, "seed": seed,

@@ -39,6 +39,7 @@ class Budgets:
     max_accuracy_drop: float = 2.0  # points of top-1 below the teacher
     max_latency_ms: float = 0.0     # first batch size's p50; 0 means no limit
     min_speedup: float = 0.0        # teacher p50 / artifact p50 at the first batch size; 0 means no limit
+    max_size_mb: float = 0.0        # the artifact file in MB (10^6 bytes), what an app or image ships; 0: no limit
 
 
 @dataclass(frozen=True)

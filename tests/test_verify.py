@@ -332,3 +332,34 @@ def test_a_missed_budget_exits_1_with_one_line_naming_it(small_run, tmp_path, ca
     assert str(run / "verify" / "report.md") in err[0]
     budgets = json.loads((run / "verify" / "report.json").read_text())["budgets"]
     assert budgets["passed"] is False and budgets["max_latency_ms"] == 1e-6 and len(budgets["failed"]) == 1
+
+
+@pytest.mark.parametrize("fraction_of_artifact", [0.99, 1.01])
+def test_max_size_mb_fails_an_artifact_just_over_it_and_passes_one_just_under(small_run, tmp_path, capsys,
+                                                                              fraction_of_artifact):
+    """The size budget (phones care about app size): a limit 1% under the artifact's file misses (exit 1, the
+    line names the file, its size and the budget); 1% over it passes, and report.json records the budget."""
+    import shutil
+
+    from edgecompress import config as cfg
+    from edgecompress.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    config = cfg.read_toml(run / "run.toml")
+    size_mb = (run / "export" / "test-cpu" / "model.onnx").stat().st_size / 1e6
+    limit = round(size_mb * fraction_of_artifact, 6)
+    target = tmp_path / "sized.toml"
+    target.write_text(Path(config["target"]).read_text() + f"max_size_mb = {limit}\n")  # [budgets] is the last table
+    config["target"] = str(target)
+    (run / "run.toml").write_text(cfg.to_toml(config))
+    teacher_folder = Path(config["teacher"]["spec"].rpartition(":")[0]).parent
+    code = main(["verify", str(run), "--quiet", "--trust", str(teacher_folder)])
+    budgets = json.loads((run / "verify" / "report.json").read_text())["budgets"]
+    assert budgets["max_size_mb"] == limit
+    err = capsys.readouterr().err.strip().splitlines()
+    if fraction_of_artifact < 1:
+        assert code == 1 and len(err) == 1 and budgets["passed"] is False
+        assert f"artifact export/test-cpu/model.onnx is {size_mb:.3f} MB > max_size_mb {limit}" in err[0]
+    else:
+        assert code == 0 and budgets["passed"] is True and budgets["failed"] == []
