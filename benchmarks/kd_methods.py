@@ -76,12 +76,23 @@ def splits(validation: int, split_seed: int, setting: str) -> tuple[torch.Tensor
     return pool, held, fashion
 
 
+def distill_config(method: str, options: dict, setting: dict) -> cfg.DistillConfig:
+    d = cfg.DistillConfig()
+    d.student, d.method, d.method_opts = setting["student"], method, dict(options)
+    d.epochs, d.batch, d.lr, d.precision = setting["epochs"], setting["batch"], setting["lr"], setting["precision"]
+    return d
+
+
+def resolved(method: str, options: dict, setting: dict) -> dict:
+    """Every option the method runs with (its defaults, distill.temperature/alpha, then `options`): what a run is
+    recorded and resumed by, so a run made before a default changed is not taken for one made after."""
+    return distillers.method_options(distill_config(method, options, setting))
+
+
 def one_run(method: str, options: dict, seed: int, npz: Path, setting: dict, work: Path, scored: dict) -> dict:
     config = cfg.RunConfig(data=str(npz), seed=seed)
     config.teacher.spec, config.teacher.weights = TEACHER, str(TEACHER_WEIGHTS)
-    d = config.distill
-    d.student, d.method, d.method_opts = setting["student"], method, dict(options)
-    d.epochs, d.batch, d.lr, d.precision = setting["epochs"], setting["batch"], setting["lr"], setting["precision"]
+    config.distill = d = distill_config(method, options, setting)
     tag = method + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
     out = work / f"seed{seed}" / tag
     shared = work / f"seed{seed}" / "teacher_logits.pt"  # depends on data, seed and teacher only
@@ -97,7 +108,8 @@ def one_run(method: str, options: dict, seed: int, npz: Path, setting: dict, wor
     saved = torch.load(out / "distill" / "student.pt", weights_only=True)
     student, _ = build_model(d.student, "", 1, 10, saved["spec"]["mean"], saved["spec"]["std"], "student")
     student.load_state_dict(saved["state_dict"])
-    result = {"method": method, "options": options, "seed": seed, "run_seconds": round(wall, 1)}
+    result = {"method": method, "options": options, "resolved": resolved(method, options, setting), "seed": seed,
+              "run_seconds": round(wall, 1), "commit": setting["commit"]}
     for split, (x, y, teacher_pred) in scored.items():
         pred = predict(student, x)
         result[f"{split}_top1"] = (pred == y).float().mean().item()
@@ -116,15 +128,17 @@ def paired(values: list[float], base: list[float]) -> dict:
     return {"mean_pt": round(mean, 3), "ci95_pt": [round(mean - half, 3), round(mean + half, 3)], "pairs": len(diffs)}
 
 
-def summarise(runs: list[dict], methods: list[str]) -> list[dict]:
+def summarise(runs: list[dict], methods: list[str], setting: dict) -> list[dict]:
     def of(method: str, options: dict) -> dict[int, dict]:
-        return {r["seed"]: r for r in runs if r["method"] == method and r["options"] == options and "test_top1" in r}
+        wanted = resolved(method, options, setting)
+        return {r["seed"]: r for r in runs if r["method"] == method and r.get("resolved") == wanted and "test_top1" in r}
 
     rows = []
     for method in methods:
         cls = distillers.METHODS[method]
         mine = of(method, {})
-        row = {"method": method, "family": cls.family, "paper": cls.paper, "seeds": sorted(mine),
+        row = {"method": method, "family": cls.family, "paper": cls.paper, "options": resolved(method, {}, setting),
+               "seeds": sorted(mine),
                "failed": [r["error"] for r in runs if r["method"] == method and "error" in r]}
         if mine:
             for key in ("test_top1", "validation_top1", "test_agreement"):
@@ -231,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     partial_path, runs = args.out / f"{stem}.partial.json", []
     if partial_path.is_file():
         saved = json.loads(partial_path.read_text())
-        if {k: v for k, v in saved["setting"].items() if k != "commit"} == \
-                {k: v for k, v in setting.items() if k != "commit"}:
+        # runs are kept by (method, resolved options, seed): another commit or seed list reuses them
+        if {k: v for k, v in saved["setting"].items() if k not in ("commit", "seeds")} == \
+                {k: v for k, v in setting.items() if k not in ("commit", "seeds")}:
             runs = saved["runs"]
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))
     try:
@@ -243,17 +258,19 @@ def main(argv: list[str] | None = None) -> int:
         mean, std = data.channel_stats(train.x_train)
         teacher, _ = load_teacher(TEACHER, str(TEACHER_WEIGHTS), train.name, 1, 10, mean, std)
         x_val, y_val = fashion.x_train[val_idx], fashion.y_train[val_idx]
-        scored = {"validation": (x_val, y_val, predict(teacher, x_val)),
-                  "test": (fashion.x_eval, fashion.y_eval, predict(teacher, fashion.x_eval))}
-        setting["teacher_test_top1"] = (scored["test"][2] == fashion.y_eval).float().mean().item()
+        scored = {"validation": (x_val, y_val, predict(teacher, x_val))}
+        if not args.tune:  # tuning never reads the test images
+            scored["test"] = (fashion.x_eval, fashion.y_eval, predict(teacher, fashion.x_eval))
+            setting["teacher_test_top1"] = (scored["test"][2] == fashion.y_eval).float().mean().item()
         for seed in args.seeds:
             for method, options in plan:
-                if any(r["method"] == method and r["options"] == options and r["seed"] == seed for r in runs):
+                wanted = resolved(method, options, setting)
+                if any(r["method"] == method and r.get("resolved") == wanted and r["seed"] == seed for r in runs):
                     continue
                 try:
                     run = one_run(method, options, seed, npz, setting, work, scored)
                 except EdgeError as exc:  # a method that cannot run here is reported, not hidden
-                    run = {"method": method, "options": options, "seed": seed, "error": str(exc)}
+                    run = {"method": method, "options": options, "resolved": wanted, "seed": seed, "error": str(exc)}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
                 files.write_json(partial_path, {"setting": setting, "runs": runs})
@@ -263,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     setting |= {"date": time.strftime("%Y-%m-%d"), "host": provenance()["host"]["cpu"],
                 "wall_minutes": round((time.perf_counter() - began) / 60, 1)}
     if args.tune:
-        table = [{"options": g, "validation_top1": statistics.mean(r["validation_top1"] for r in runs
-                                                                   if r["options"] == g and "validation_top1" in r)}
-                 for g in parse_grid(args.tune[1:])]
+        method = args.tune[0]
+        table = []
+        for g in parse_grid(args.tune[1:]):
+            wanted = resolved(method, g, setting)
+            scores = [r["validation_top1"] for r in runs if r.get("resolved") == wanted and "validation_top1" in r]
+            table.append({"options": g, "resolved": wanted, "validation_top1": statistics.mean(scores),
+                          "seeds": len(scores)})
         result = {"setting": setting, "method": args.tune[0], "grid": table, "runs": runs,
                   "chosen": max(table, key=lambda row: row["validation_top1"])["options"],
                   "rule": "highest mean validation top-1; the test images are not read"}
@@ -277,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cross-modal with alpha = 0, the student trained alone on the same view; scored on full test "
                  "images.",
                  "`dml` and `self-distill` use no teacher; `dml` reports the first of its two students."]
-        result = {"setting": setting, "methods": summarise(runs, args.methods), "runs": runs, "notes": notes}
+        result = {"setting": setting, "methods": summarise(runs, args.methods, setting), "runs": runs, "notes": notes}
         files.write_json(args.out / f"{stem}.json", result)
         files.write_text(args.out / f"{stem}.md", markdown(result))
         print(markdown(result))
