@@ -45,7 +45,12 @@ def kernel_report(path: Path, threads: int = 1, providers: tuple[str, ...] = ("C
 
 
 def macs_per_image(path: Path) -> int:
-    """Multiply-accumulates of one image through the Conv and Gemm/MatMul nodes of an fp32 ONNX graph (a
+    """Multiply-accumulates of one image through the Conv and Gemm/MatMul nodes of an fp32 ONNX graph."""
+    return sum(macs_per_layer(path).values())
+
+
+def macs_per_layer(path: Path) -> dict[str, int]:
+    """Multiply-accumulates of one image through each Conv and Gemm/MatMul node of an fp32 ONNX graph (a
     MatMul of two activations, as in attention, is not counted). The layers' output shapes are read from one
     ONNX Runtime run on a blank image: shape inference loses them behind a reshape that reads a tensor's shape
     (ShuffleNet's channel shuffle)."""
@@ -70,11 +75,11 @@ def macs_per_image(path: Path) -> int:
     blank = np.zeros([1, *[d if isinstance(d, int) else 1 for d in feed.shape[1:]]], dtype=np.float32)
     names = [o.name for o in run.get_outputs()]
     shapes = dict(zip(names, (a.shape for a in run.run(names, {feed.name: blank}))))
-    total = 0
+    macs = {}
     for node in layers:
         if node.op_type == "Conv":
             _, cin_per_group, *kernel = weights[node.input[1]]
-            total += int(np.prod(shapes[node.output[0]][1:])) * cin_per_group * int(np.prod(kernel))
+            macs[node.name] = int(np.prod(shapes[node.output[0]][1:])) * cin_per_group * int(np.prod(kernel))
         else:
-            total += int(np.prod(weights[node.input[1]]))
-    return total
+            macs[node.name] = int(np.prod(weights[node.input[1]]))
+    return macs
