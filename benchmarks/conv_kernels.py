@@ -8,7 +8,8 @@ The int8-vs-fp32 goal of issue #8 is a whole-model ratio; this measures the kern
 optimisations (fp32 becomes a fused NCHWc Conv, int8 an NHWC QLinearConv) and read each convolution's own time
 from ORT's profiler, the median over all runs of `--sessions` alternating sessions per model, at batch 1 and 64.
 No model made of convolutions can beat the ratio its convolutions reach: the table bounds what any student
-design can get over its fp32 twin on this host. Prints a table and writes conv_kernels.json and .md under --out.
+design can get over its fp32 twin on this host. The default student's own square 3x3 layers are always measured
+too, and marked. Prints a table and writes conv_kernels.json and .md under --out.
 """
 from __future__ import annotations
 
@@ -28,9 +29,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance, save_results  # noqa: E402
 
 from edgecompress import backends, quantize, targets  # noqa: E402
+from edgecompress.config import DistillConfig  # noqa: E402
+from edgecompress.models import create  # noqa: E402
 
-# The default student's 3x3 convolutions with equal channels in and out (resnet_fast_100: 48-96-192 on 14-7-4).
-DEFAULT_STUDENT_LAYERS = {(48, 14), (96, 7), (192, 4)}
+STUDENT = DistillConfig().student  # the default student, whose layers the table marks
+
+
+def square_convs(student: str) -> set[tuple[int, int]]:
+    """(channels, map size) of the student's 3x3 convolutions with equal channels in and out, on 28x28 images."""
+    found = set()
+
+    def record(module, inputs, output):
+        if module.kernel_size == (3, 3) and module.in_channels == module.out_channels:
+            found.add((module.out_channels, output.shape[-1]))
+
+    net = create(student, 1, 10).eval()
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return found
 
 
 def conv_us(path: Path, op_type: str, batch: int, shape: tuple[int, int, int], runs: int, work: Path) -> list[float]:
@@ -54,7 +73,7 @@ def conv_us(path: Path, op_type: str, batch: int, shape: tuple[int, int, int], r
     return durations[runs // 10:]  # the first runs warm caches and prepack
 
 
-def measure(channels: int, size: int, work: Path, sessions: int) -> list[dict]:
+def measure(channels: int, size: int, work: Path, sessions: int, marked: set[tuple[int, int]]) -> list[dict]:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU()).eval()
     fp32, int8 = work / f"c{channels}s{size}.fp32.onnx", work / f"c{channels}s{size}.int8.onnx"
@@ -75,14 +94,14 @@ def measure(channels: int, size: int, work: Path, sessions: int) -> list[dict]:
         rows.append({"channels": channels, "size": size, "batch": batch, "fp32_us": fp32_us, "int8_us": int8_us,
                      "ratio": round(fp32_us / int8_us, 2), "fp32_gops": round(ops * batch / fp32_us / 1e3, 1),
                      "int8_gops": round(ops * batch / int8_us / 1e3, 1),
-                     "in_default_student": (channels, size) in DEFAULT_STUDENT_LAYERS})
+                     "in_default_student": (channels, size) in marked})
     return rows
 
 
 def markdown(result: dict) -> str:
     lines = [f"# Conv kernels: int8 QLinearConv vs fp32 NCHWc Conv in ONNX Runtime ({result['host'].get('cpu')}, "
              "1 thread)", "", "3x3 convolution + ReLU, C channels in and out, on an SxS map; each kernel's own time "
-             "from ORT's profiler (median). * marks the default student's layers.", "",
+             f"from ORT's profiler (median). * marks the layers of the default student, {result['student']}.", "",
              "| C | S | batch | fp32 us | int8 us | int8 x faster | fp32 GOP/s | int8 GOP/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -96,7 +115,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"Batch {batch}: int8 is 3x or more faster for {len(over)} of {len(at)} shapes"
                   f"{' (' + ', '.join(over) + ')' if over else ''}."]
         if ours:
-            lines[-1] += (f" The default student's layers measured here, together: "
+            lines[-1] += (f" The layers of {result['student']} measured here, together: "
                           f"{sum(r['fp32_us'] for r in ours) / sum(r['int8_us'] for r in ours):.2f}x.")
     return "\n".join(lines) + "\n"
 
@@ -113,15 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in args.sizes.split(",") if s]
     except ValueError:
         parser.error("--channels and --sizes take comma-separated integers, e.g. --channels 48,64 --sizes 7,14")
+    marked = square_convs(STUDENT)
+    shapes = sorted({(c, s) for c in channels for s in sizes} | marked)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for c in channels:
-            for s in sizes:
-                for r in measure(c, s, Path(work), args.sessions):
-                    rows.append(r)
-                    print(f"C={c} S={s} batch {r['batch']}: fp32 {r['fp32_us']:.1f} us, int8 {r['int8_us']:.1f} us, "
-                          f"{r['ratio']:.2f}x", flush=True)
-    result = provenance() | {"sessions": args.sessions, "rows": rows}
+        for c, s in shapes:
+            for r in measure(c, s, Path(work), args.sessions, marked):
+                rows.append(r)
+                print(f"C={c} S={s} batch {r['batch']}: fp32 {r['fp32_us']:.1f} us, int8 {r['int8_us']:.1f} us, "
+                      f"{r['ratio']:.2f}x", flush=True)
+    result = provenance() | {"sessions": args.sessions, "student": STUDENT, "rows": rows}
     save_results(args.out, "conv_kernels", result, markdown(result))
     return 0
 

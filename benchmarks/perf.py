@@ -71,11 +71,12 @@ def interleaved(make_slow, make_fast, images: torch.Tensor, batch: int, progress
 
 # --- sections --------------------------------------------------------------------------------------------------
 
-def run_e2e(run_dir: Path) -> dict:
-    """A first run: the run directory is removed before, so nothing is reused (not even teacher logits)."""
+def run_e2e(run_dir: Path, *options: str) -> dict:
+    """A first run (default settings unless `options` add some): the run directory is removed before, so nothing
+    is reused (not even teacher logits)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     began = time.perf_counter()
-    subprocess.run(["edgecompress", "compress", "--out", str(run_dir), "--quiet"], check=True)
+    subprocess.run(["edgecompress", "compress", "--out", str(run_dir), "--quiet", *options], check=True)
     wall = time.perf_counter() - began
     stages = {}
     for stage in STAGES:

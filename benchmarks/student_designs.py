@@ -1,12 +1,16 @@
 """Student design screen: how the int8 artifact's speed-up over the same student in fp32 depends on the design.
 
     python benchmarks/student_designs.py [--rounds 6] [--designs zoo:resnet_fast_100,E_s48-128-256,...]
+                                         [--compress resnet_fast_100,resnet_fast_144]
 
 For each design (untrained: latency does not depend on the weights): export to ONNX, quantize with the x86-cpu
 scheme on 256 real training images, then time the fp32 model and the int8 artifact in ONNX Runtime (1 thread,
 the target's settings) in alternating fresh sessions at batch 1 and 64 (perf.interleaved), and time one
 bf16-autocast training step of 128 images in PyTorch (the distill stage's setting on this CPU) as the training
-cost. Prints a table and writes student_designs.json and .md under --out.
+cost. With --compress, each named zoo student also goes through a first `edgecompress compress` with every other
+setting the default (a fresh run directory, one after another, nothing else running): top-1 of the teacher, the
+fp32 student and the int8 artifact on the 10,000 test images, speed-up over the teacher, size ratio and the wall
+time. Prints a table and writes student_designs.json and .md under --out.
 
 The designs besides the zoo's are what was tried for the int8-vs-fp32 ratio of issue #8: ResNet-8 variants
 with a stride-2 stem, named stem width, then the stage widths (each stage one BasicBlock, stride 2 unless the
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf import interleaved, provenance, save_results  # noqa: E402
+from perf import interleaved, provenance, run_e2e, save_results  # noqa: E402
 
 from edgecompress.kernels import macs_per_image  # noqa: E402
 
@@ -133,6 +137,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['design']} | {r['params']:,} | {r['mmac']} | {r['train_step_ms']} | "
                      f"{r['bs1']['fp32_ms']:.4f} | {r['bs1']['int8_ms']:.4f} | {r['bs1']['ratio']:.2f}x | "
                      f"{r['bs64']['fp32_ms']:.3f} | {r['bs64']['int8_ms']:.3f} | {r['bs64']['ratio']:.2f}x |")
+    if result.get("compress"):
+        lines += ["", "## Through `edgecompress compress` (default settings, first run)", "",
+                  "| student | teacher top-1 | fp32 top-1 | int8 top-1 | drop vs teacher pt | speed-up vs teacher (bs1) | "
+                  "size ratio | compress s |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["compress"]:
+            top = r["top1"]
+            lines.append(f"| {r['student']} | {top['teacher'] * 100:.2f}% | {top['student_fp32'] * 100:.2f}% | "
+                         f"{top['artifact'] * 100:.2f}% | {(top['teacher'] - top['artifact']) * 100:.2f} | "
+                         f"{r['speedup_vs_teacher']:.1f}x | {r['size_ratio']:.1f}x | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--designs", default=",".join(DEFAULT_DESIGNS),
                         help=f"comma-separated: zoo:NAME or one of {', '.join(DESIGNS)}")
     parser.add_argument("--rounds", type=int, default=6, help="alternating fp32/int8 sessions per batch size")
+    parser.add_argument("--compress", default="", help="comma-separated zoo students run through compress")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     designs = [d for d in args.designs.split(",") if d]
@@ -156,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{design}: {r['params']:,} params, {r['mmac']} MMAC, step {r['train_step_ms']} ms, "
                   f"int8 vs fp32 {r['bs1']['ratio']:.2f}x bs1 ({r['bs1']['int8_ms']:.4f} ms), "
                   f"{r['bs64']['ratio']:.2f}x bs64", flush=True)
-    result = provenance() | {"rounds": args.rounds, "rows": rows}
+    compressed = []
+    with tempfile.TemporaryDirectory() as work:
+        for student in [s for s in args.compress.split(",") if s]:
+            compressed.append(run_e2e(Path(work) / student, "--student", student))
+            print(f"compress --student {student}: {compressed[-1]['top1']}, {compressed[-1]['wall_s']} s", flush=True)
+    result = provenance() | {"rounds": args.rounds, "rows": rows, "compress": compressed}
     save_results(args.out, "student_designs", result, markdown(result))
     return 0
 
