@@ -1,7 +1,7 @@
 """Student design screen: how the int8 artifact's speed-up over the same student in fp32 depends on the design.
 
     python benchmarks/student_designs.py [--rounds 6] [--designs zoo:resnet_fast_100,E_s48-128-256,...]
-                                         [--compress resnet_fast_100,resnet_fast_144]
+                                         [--compress resnet_fast_tapered,resnet_fast_100]
 
 For each design (untrained: latency does not depend on the weights): export to ONNX, quantize with the x86-cpu
 scheme on 256 real training images, then time the fp32 model and the int8 artifact in ONNX Runtime (1 thread,
@@ -57,7 +57,8 @@ PLAIN_VARIANTS = {
     "P7_32-64-64-128-128-256-256": ((32, 2), (64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1)),
 }
 DESIGNS = (*VARIANTS, *PLAIN_VARIANTS)
-DEFAULT_DESIGNS = ("zoo:resnet_fast_100", "zoo:resnet_fast_133", "zoo:resnet_slim_150", *DESIGNS)
+DEFAULT_DESIGNS = ("zoo:resnet_fast_tapered", "zoo:resnet_fast_100", "zoo:resnet_fast_133", "zoo:resnet_slim_150",
+                   *DESIGNS)
 
 
 class PlainNet(nn.Module):

@@ -68,19 +68,25 @@ for _name, _width in (("resnet_slim_050", 0.5), ("resnet_slim_100", 1.0), ("resn
     register(_name, "resnet_slim", f"slim ResNet-8, channels 16-32-64 x {_width}", width=_width)(_slim_resnet)
 
 
-def _fast_resnet(in_channels: int, num_classes: int, width: float) -> ResNet:
+def _fast_resnet(in_channels: int, num_classes: int, width: float = 1.0,
+                 channels: tuple[int, int, int] = (48, 96, 192)) -> ResNet:
     # int8-friendly at batch 1 (measured with ONNX Runtime on an AVX-512 VNNI CPU, 1 thread): a stride-2 stem,
     # because a full-resolution conv with one input channel is the int8 kernels' worst case (about 3x slower than
     # fp32 there), then stages at 14x14, 7x7 and 4x4 with channel counts in multiples of 16, the granularity of
-    # the u8s8 kernels. Wider runs the int8 kernels closer to their peak: int8 vs fp32 in ONNX Runtime measured
-    # 2.5-2.8x at batch 1 for width 1.0 (48-96-192) and 3.25x for 4/3 (64-128-256), which trains 1.7x slower.
-    widths = tuple(max(16, int(round(c * width / 16)) * 16) for c in (48, 96, 192))
+    # the u8s8 kernels. Wider runs the int8 kernels closer to their peak (benchmarks/results/student_designs.md).
+    widths = tuple(max(16, int(round(c * width / 16)) * 16) for c in channels)
     model = ResNet(in_channels, num_classes, widths, (1, 1, 1), (1, 2, 2))
     model.stem[0] = nn.Conv2d(in_channels, widths[0], 3, 2, 1, bias=False)
     return model
 
 
-register("resnet_fast_100", "resnet_fast", "ResNet-8 with a stride-2 stem, channels 48-96-192 (int8-friendly); "
-         "the default student", width=1.0)(_fast_resnet)
+register("resnet_fast_100", "resnet_fast", "ResNet-8 with a stride-2 stem, channels 48-96-192 (int8-friendly)",
+         width=1.0)(_fast_resnet)
+# The default student. Its 4x4 stage holds most of a ResNet-8's weights (a 3x3 conv of 192 channels there is 332k of
+# resnet_fast_100's 691k parameters), so narrowing the last stage to 128 and widening the 7x7 one to 112 makes the
+# int8 artifact 21x smaller than the default teacher instead of 16x, with fewer MACs (21.0 M, from 22.8 M) and, in
+# the default compress, no loss of accuracy (benchmarks/results/student_designs.md, `compress` rows).
+register("resnet_fast_tapered", "resnet_fast", "ResNet-8 with a stride-2 stem, channels 48-112-128 (int8-friendly, "
+         "the last stage narrowed for size); the default student", channels=(48, 112, 128))(_fast_resnet)
 register("resnet_fast_133", "resnet_fast", "ResNet-8 with a stride-2 stem, channels 64-128-256 (int8-friendly)",
          width=4 / 3)(_fast_resnet)

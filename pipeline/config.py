@@ -41,7 +41,7 @@ class PreprocessConfig:
 
 @dataclass
 class DistillConfig:
-    student: str = "resnet_fast_100"  # zoo name, torchvision:NAME, timm:NAME, path/to/file.py:factory, or auto
+    student: str = "resnet_fast_tapered"  # zoo name, torchvision:NAME, timm:NAME, path/to/file.py:factory, or auto
     method: str = "hinton"            # a name from `edgecompress methods`
     # options of the method (`edgecompress methods` lists them with their paper defaults); they win over
     # temperature/alpha below
