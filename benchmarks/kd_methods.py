@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance  # noqa: E402
+from readme import interval  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data, distill, files  # noqa: E402
@@ -47,6 +48,9 @@ TEACHER, TEACHER_WEIGHTS = "resnet18_half", WEIGHTS_DIR / "resnet18_half-fashion
 SUBSET_IMAGES = 5000
 # two-sided 97.5% quantiles of Student's t, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# what makes two runs comparable (the rest of the setting records when and where)
+SAME_SETTING = ("setting", "teacher", "student", "epochs", "batch", "lr", "precision", "threads", "train_images",
+                "validation_images", "split_seed")
 BASELINES = {"cross-modal": {"alpha": 0.0}}  # compared with itself at these options instead of with `none`
 
 
@@ -162,13 +166,6 @@ def summarise(runs: list[dict], methods: list[str], setting: dict) -> list[dict]
     return rows
 
 
-def interval(gain: dict | None) -> str:
-    if not gain:
-        return "-"
-    ci = gain["ci95_pt"]
-    return f"{gain['mean_pt']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{gain['mean_pt']:+.2f}"
-
-
 def markdown(result: dict) -> str:
     s = result["setting"]
     lines = [
@@ -243,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                            f"{cfg.DistillConfig().weight_decay}"}
     args.out.mkdir(parents=True, exist_ok=True)
     partial_path, runs = args.out / f"{stem}.partial.json", []
-    if partial_path.is_file():
-        saved = json.loads(partial_path.read_text())
-        # runs are kept by (method, resolved options, seed): another commit or seed list reuses them
-        if {k: v for k, v in saved["setting"].items() if k not in ("commit", "seeds")} == \
-                {k: v for k, v in setting.items() if k not in ("commit", "seeds")}:
-            runs = saved["runs"]
+    # runs are kept by (method, resolved options, seed) and reused under the same training setting, from another
+    # commit or seed list too; a finished tuning's runs as well, so a grid can be extended
+    for earlier in (partial_path, args.out / f"{stem}.json"):
+        if earlier.is_file():
+            saved = json.loads(earlier.read_text())
+            if all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
+                runs = saved["runs"]
+                break
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))
     try:
         npz = work / "fashion-train.npz"
@@ -282,11 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         method = args.tune[0]
         table = []
-        for g in parse_grid(args.tune[1:]):
+        tried = {json.dumps(r["resolved"], sort_keys=True): r["options"] for r in runs if r["method"] == method}
+        for g in tried.values():
             wanted = resolved(method, g, setting)
-            scores = [r["validation_top1"] for r in runs if r.get("resolved") == wanted and "validation_top1" in r]
-            table.append({"options": g, "resolved": wanted, "validation_top1": statistics.mean(scores),
-                          "seeds": len(scores)})
+            scores = [r["validation_top1"] for r in runs if r.get("resolved") == wanted and "validation_top1" in r
+                      and r["seed"] in args.seeds]
+            if scores:  # every option set tried so far, this grid's and earlier ones'
+                table.append({"options": g, "resolved": wanted, "validation_top1": statistics.mean(scores),
+                              "seeds": len(scores)})
         result = {"setting": setting, "method": args.tune[0], "grid": table, "runs": runs,
                   "chosen": max(table, key=lambda row: row["validation_top1"])["options"],
                   "rule": "highest mean validation top-1; the test images are not read"}

@@ -316,6 +316,154 @@ def peers(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def conv_kernels(results: Path) -> str:
+    """What ONNX Runtime's int8 convolutions gain over fp32, shape by shape, from conv_kernels.json."""
+    r = load(results, "conv_kernels")
+    rows = r["rows"]
+    shapes = {(row["channels"], row["size"]) for row in rows}
+    lines = [para(f"- The ceiling comes from the kernels, not the design. `benchmarks/conv_kernels.py` times each ONNX "
+                  "Runtime convolution alone (results/conv_kernels.md; 3x3 conv, C channels in and out, SxS map, 1 "
+                  f"thread, {len(shapes)} shapes) on {host_words(r)}:", "  ")]
+    for batch in (1, 64):
+        at = [row for row in rows if row["batch"] == batch]
+        over = [f"{row['channels']}@{row['size']}" for row in at if row["ratio"] >= 3]
+        lines.append(para(f"  - At bs{batch}, int8 is 3x or more faster for {len(over)} of {len(at)} shapes "
+                          f"({', '.join(over) or 'none'}).", "    "))
+    ours = {batch: [row for row in rows if row["batch"] == batch and row["in_default_student"]] for batch in (1, 64)}
+    together = {b: sum(row["fp32_us"] for row in ours[b]) / sum(row["int8_us"] for row in ours[b]) for b in ours}
+    fp32 = [row["fp32_gops"] for row in rows]
+    int8_64 = [row["int8_gops"] for row in rows if row["batch"] == 64]
+    layers = ", ".join(f"{row['channels']}@{row['size']}" for row in ours[1])
+    lines.append(para(f"  - The square 3x3 layers of the default student ({r['student']}: {layers}) together reach "
+                      f"{together[1]:.2f}x at bs1 and {together[64]:.2f}x at bs64, before any of its other "
+                      "operators.", "    "))
+    lines.append(para(f"  - fp32 convolutions run at {min(fp32):.0f}-{max(fp32):.0f} GOP/s; int8 at bs64 at "
+                      f"{min(int8_64):.0f}-{max(int8_64):.0f} GOP/s.", "    "))
+    return "\n".join(lines)
+
+
+def student_designs(results: Path) -> str:
+    """The student design screen and the default students through compress, from student_designs.json."""
+    r = load(results, "student_designs")
+    rows = r["rows"]
+    lines = [para(f"- Student designs, untrained (`benchmarks/student_designs.py`: {r['rounds']} alternating fresh "
+                  "sessions per batch size, 1 thread, the x86-cpu scheme; results/student_designs.md):", "  "), "",
+             "  | design | params | MMAC | fp32 / int8 bs1 ms | int8 vs fp32 bs1 | fp32 / int8 bs64 ms | "
+             "int8 vs fp32 bs64 | train step ms |", "  |---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"  | {row['design']} | {row['params']:,} | {row['mmac']} | {row['bs1']['fp32_ms']:.3f} / "
+                     f"{row['bs1']['int8_ms']:.3f} | {row['bs1']['ratio']:.2f}x | {row['bs64']['fp32_ms']:.1f} / "
+                     f"{row['bs64']['int8_ms']:.1f} | {row['bs64']['ratio']:.2f}x | {row['train_step_ms']} |")
+    best_ratio = max(rows, key=lambda row: row["bs1"]["ratio"])
+    fastest = min(rows, key=lambda row: row["bs1"]["int8_ms"])
+    lines += ["", para(f"  The largest int8 gain at bs1 is {best_ratio['design']}'s ({best_ratio['bs1']['ratio']:.2f}x), "
+                       f"but its artifact takes {best_ratio['bs1']['int8_ms']:.3f} ms; the fastest int8 artifact at "
+                       f"bs1 is {fastest['design']}'s ({fastest['bs1']['int8_ms']:.3f} ms, "
+                       f"{fastest['bs1']['ratio']:.2f}x its fp32).", "  ")]
+    if r.get("compress"):
+        lines += ["", para("- The default students through a first `edgecompress compress` (every other setting the "
+                           "default; one after another, nothing else running; 10,000 test images):", "  "), "",
+                  "  | student | fp32 top-1 | int8 top-1 | below the teacher | speed-up vs teacher (bs1) | "
+                  "size ratio | compress |", "  |---|---|---|---|---|---|---|"]
+        for row in r["compress"]:
+            top = row["top1"]
+            lines.append(f"  | {row['student']} ({row['epochs']} epochs) | {pct(top['student_fp32'])} | "
+                         f"{pct(top['artifact'])} | {(top['teacher'] - top['artifact']) * 100:.2f} pt of "
+                         f"{pct(top['teacher'])} | {row['speedup_vs_teacher']:.1f}x | {row['size_ratio']:.1f}x | "
+                         f"{row['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def kd_methods(results: Path) -> str:
+    """The distillation methods measured (kd_methods-<setting>.json) and how their defaults were tuned
+    (kd_tuning-*.json), every setting found under results/."""
+    lines = []
+    tunings = sorted(results.glob("kd_tuning-*.json"))
+    if tunings:
+        lines += [para("Tuned on the validation split only (5,000 training images held out; the test images are not "
+                       "read), mean validation top-1 over the seeds, the chosen row in bold:", ""), "",
+                  "| method | setting | options tried: validation top-1 |", "|---|---|---|"]
+        for path in tunings:
+            t = json.loads(path.read_text())
+            cells = []
+            for row in t["grid"]:
+                text = " ".join(f"{k}={v}" for k, v in row["options"].items()) + f": {pct(row['validation_top1'])}"
+                cells.append(f"**{text}**" if row["options"] == t["chosen"] else text)
+            lines.append(f"| {t['method']} | {t['setting']['setting']}, seeds "
+                         f"{', '.join(map(str, t['setting']['seeds']))} | {'; '.join(cells)} |")
+        lines.append("")
+    for path in sorted(results.glob("kd_methods-*.json")):
+        m = json.loads(path.read_text())
+        s = m["setting"]
+        lines += [para(f"`{s['setting']}` setting: teacher `{s['teacher']}` ({pct(s['teacher_test_top1'])} test top-1), "
+                       f"student `{s['student']}`, every method {s['epochs']} epochs on the same "
+                       f"{s['train_images']:,} training images, batch {s['batch']}, OneCycle SGD peak lr {s['lr']}, "
+                       f"{s['precision']}, seeds {', '.join(map(str, s['seeds']))}; each method with its defaults. "
+                       f"Test top-1 on {s['test_images']:,} images; gains paired by seed, mean [95% t-interval] in "
+                       f"points (commit {s['commit']}, {s['wall_minutes']:.0f} min):", ""), "",
+                  "| method | family | test top-1 (mean ± std) | vs baseline | vs hinton |", "|---|---|---|---|---|"]
+        for row in m["methods"]:
+            if "test_top1" not in row:
+                lines.append(f"| {row['method']} | {row['family']} | failed | | |")
+                continue
+            base = "baseline" if row["method"] == "none" else interval(row.get("gain_vs_baseline"))
+            if row.get("baseline", "none") != "none":
+                base += f" (vs {row['baseline']})"
+            lines.append(f"| {row['method']} | {row['family']} | {row['test_top1']['mean'] * 100:.2f} ± "
+                         f"{row['test_top1']['std'] * 100:.2f} | {base} | {interval(row.get('gain_vs_hinton'))} |")
+        lines += ["", *[para(f"- {note}", "  ") for note in m["notes"]], ""]
+    if not lines:
+        lines = ["Not measured yet on today's methods."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def interval(gain: dict | None) -> str:
+    if not gain:
+        return "-"
+    ci = gain["ci95_pt"]
+    return f"{gain['mean_pt']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{gain['mean_pt']:+.2f}"
+
+
+def kernel_profile(results: Path) -> str:
+    """Why the artifact is or is not 1.2x faster than NNCF-in-OpenVINO, kernel by kernel (kernel_profile.json)."""
+    r = load(results, "kernel_profile")
+    ours, nncf = "artifact, ONNX Runtime int8", "NNCF int8, OpenVINO"
+    peak = r["onnxruntime_u8s8_gemm_peak_gops"]
+    lines = [para(f"Kernel by kernel (`benchmarks/kernel_profile.py` on the same run, {r['threads']} thread, "
+                  "results/kernel_profile.md: ONNX Runtime's session profiler and OpenVINO's per-layer counters on "
+                  f"the same int8 student; ONNX Runtime's own u8 x s8 GEMM peak in the same run: {peak:.0f} GOP/s):")]
+    for key in ("bs1", "bs64"):
+        p, batch = r["profiles"][key], int(key[2:])
+        convs = [row for row in r["layers"][key] if row["layer"].endswith("Conv")]
+        conv_ops = sum(2 * row["mmac_per_image"] * 1e6 * batch for row in convs)
+        conv_ms = {name: sum(row[name]["ms"] for row in convs) for name in (ours, nncf)}
+        rates = {name: conv_ops / conv_ms[name] / 1e6 for name in (ours, nncf)}
+        target = p[nncf]["wall_ms"] / 1.2
+        other = p[ours]["wall_ms"] - conv_ms[ours]
+        needed = conv_ops / (target - other) / 1e6 if target > other else float("inf")
+        text = (f"- {key}: the artifact takes {p[ours]['wall_ms']:.3f} ms a call in ONNX Runtime, NNCF's IR "
+                f"{p[nncf]['wall_ms']:.3f} ms in OpenVINO: the artifact is {p[nncf]['wall_ms'] / p[ours]['wall_ms']:.2f}x "
+                f"as fast. Convolutions take {100 * conv_ms[ours] / p[ours]['kernel_sum_ms']:.0f}% of ONNX Runtime's "
+                f"kernel time and {100 * conv_ms[nncf] / p[nncf]['kernel_sum_ms']:.0f}% of OpenVINO's, at "
+                f"{rates[ours]:.0f} GOP/s (QLinearConv) against {rates[nncf]:.0f} GOP/s (oneDNN brgconv). ")
+        if key == "bs1":
+            text += (f"OpenVINO's kernels add up to {p[nncf]['kernel_sum_ms']:.3f} ms of its {p[nncf]['wall_ms']:.3f} ms: "
+                     f"{p[nncf]['wall_ms'] - p[nncf]['kernel_sum_ms']:.3f} ms a call is its own work around them, "
+                     "which is what the artifact wins on at batch 1 (ONNX Runtime's profiler adds its own timing to "
+                     "every node, so its per-node times at batch 1 overstate the kernels).")
+        else:
+            gaps = sorted(convs, key=lambda row: row[nncf]["ms"] - row[ours]["ms"])[:2]
+            text += ("The widest gaps: " + ", ".join(
+                f"{row['layer'].removeprefix('/net/').removesuffix('/Conv')} {row[ours]['ms']:.2f} vs "
+                f"{row[nncf]['ms']:.2f} ms" for row in gaps) + ". "
+                     f"To be 1.2x faster than NNCF at {key} ({target:.2f} ms), the artifact's convolutions would have to "
+                     f"run at {needed:.0f} GOP/s, {100 * needed / peak:.0f}% of ONNX Runtime's own u8 x s8 GEMM peak "
+                     f"(a 1024^3 MatMulInteger, its best case); they already run at {100 * rates[ours] / peak:.0f}% "
+                     "of it.")
+        lines.append(para(text, "  "))
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "students224-zoo": students224_zoo,
     "students224-distill": students224_distill,
@@ -325,6 +473,10 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "quantization": quantization,
     "photos": photos,
     "peers": peers,
+    "conv-kernels": conv_kernels,
+    "student-designs": student_designs,
+    "kd-methods": kd_methods,
+    "kernel-profile": kernel_profile,
 }
 
 
