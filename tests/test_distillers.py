@@ -200,7 +200,8 @@ def test_methods_command_lists_every_method_with_its_options(capsys):
     for name, cls in distillers.METHODS.items():
         line = next(line for line in out.splitlines() if line.split()[0] == name)
         assert cls.family in line and cls.paper in line
-    assert "temperature=4 alpha=0.9" in out and "beta=8" in out
+    assert "temperature=4 alpha=0.9" in out
+    assert "beta=2 " in next(line for line in out.splitlines() if line.startswith("dkd "))
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -82,7 +82,7 @@ def test_dkd_and_its_standardised_form(logits):
     tckd, nckd = response.dkd_loss(zs, zt, y, t)
     close(tckd, sum(w[0] for w in want) / B)
     close(nckd, sum(w[1] for w in want) / B)
-    method = methods.build("dkd", torch.nn.Identity(), standardize=True, temperature=t, warmup=0.0)
+    method = methods.build("dkd", torch.nn.Identity(), standardize=True, temperature=t, beta=8.0, warmup=0.0)
     _, losses = method.forward_train(zs, y, zt)
     want = [parts(a, b, label) for a, b, label in zip(standardized(zs).tolist(), standardized(zt).tolist(), y.tolist())]
     close(losses["nckd"], 8.0 * sum(w[1] for w in want) / B)
