@@ -361,7 +361,7 @@ def student_designs(results: Path) -> str:
                        f"bs1 is {fastest['design']}'s ({fastest['bs1']['int8_ms']:.3f} ms, "
                        f"{fastest['bs1']['ratio']:.2f}x its fp32).", "  ")]
     if r.get("compress"):
-        lines += ["", para("- The default students through a first `edgecompress compress` (every other setting the "
+        lines += ["", para("- The students named by `--compress` through a first `edgecompress compress` (every other setting the "
                            "default; one after another, nothing else running; 10,000 test images):", "  "), "",
                   "  | student | fp32 top-1 | int8 top-1 | below the teacher | speed-up vs teacher (bs1) | "
                   "size ratio | compress |", "  |---|---|---|---|---|---|---|"]
@@ -380,17 +380,25 @@ def kd_methods(results: Path) -> str:
     lines = []
     tunings = sorted(results.glob("kd_tuning-*.json"))
     if tunings:
+        from edgecompress.config import DistillConfig
+        from edgecompress.distill import methods
+
         lines += [para("Tuned on the validation split only (5,000 training images held out; the test images are not "
-                       "read), mean validation top-1 over the seeds, the chosen row in bold:", ""), "",
-                  "| method | setting | options tried: validation top-1 |", "|---|---|---|"]
+                       "read): mean validation top-1 over the seeds, the best in bold, and the method's default now "
+                       "(`hinton`'s temperature and alpha are `distill.temperature` and `distill.alpha`):", ""), "",
+                  "| method | setting | options tried: validation top-1 | default now |", "|---|---|---|---|"]
         for path in tunings:
             t = json.loads(path.read_text())
             cells = []
             for row in t["grid"]:
                 text = " ".join(f"{k}={v}" for k, v in row["options"].items()) + f": {pct(row['validation_top1'])}"
                 cells.append(f"**{text}**" if row["options"] == t["chosen"] else text)
+            tuned = {key for row in t["grid"] for key in row["options"]}
+            now = methods.method_options(DistillConfig(method=t["method"]))
+            default = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in now.items()
+                               if k in tuned)
             lines.append(f"| {t['method']} | {t['setting']['setting']}, seeds "
-                         f"{', '.join(map(str, t['setting']['seeds']))} | {'; '.join(cells)} |")
+                         f"{', '.join(map(str, t['setting']['seeds']))} | {'; '.join(cells)} | {default} |")
         lines.append("")
     for path in sorted(results.glob("kd_methods-*.json")):
         m = json.loads(path.read_text())
