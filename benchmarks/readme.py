@@ -391,7 +391,8 @@ def kd_methods(results: Path) -> str:
             t = json.loads(path.read_text())
             cells = []
             for row in t["grid"]:
-                text = " ".join(f"{k}={v}" for k, v in row["options"].items()) + f": {pct(row['validation_top1'])}"
+                given = " ".join(f"{k}={v}" for k, v in row["options"].items()) or "(no options)"
+                text = f"{given}: {pct(row['validation_top1'])}"
                 cells.append(f"**{text}**" if row["options"] == t["chosen"] else text)
             tuned = {key for row in t["grid"] for key in row["options"]}
             now = methods.method_options(DistillConfig(method=t["method"]))

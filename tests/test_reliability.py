@@ -94,7 +94,10 @@ def test_a_diverging_loss_stops_with_a_clear_message(setup, tmp_path):
 def test_sigint_stops_with_one_line_and_the_rerun_resumes(setup, tmp_path):
     command, straight = setup
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a test process started in the background (nohup, `&` in a script) has SIGINT
+    # ignored, which its children would inherit, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (run / "distill" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
