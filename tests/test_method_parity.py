@@ -106,7 +106,8 @@ def test_dist(logits):
     got_inter, got_intra = response.dist_losses(zs, zt, t)
     close(got_inter, inter * t * t)
     close(got_intra, intra * t * t)
-    _, losses = methods.build("dist", torch.nn.Identity()).forward_train(zs, y, zt)
+    method = methods.build("dist", torch.nn.Identity(), beta=2.0, gamma=2.0, temperature=t)
+    _, losses = method.forward_train(zs, y, zt)
     close(losses["inter"], 2.0 * inter * t * t)
     close(losses["intra"], 2.0 * intra * t * t)
 
@@ -147,7 +148,7 @@ def test_attention_transfer_weight_is_beta_on_the_mean_squared_difference():
                   for h in range(t.shape[2]) for w in range(t.shape[3])]
             ns, nt = math.sqrt(sum(v * v for v in qs)), math.sqrt(sum(v * v for v in qt))
             want += sum((a / ns - b / nt) ** 2 for a, b in zip(qs, qt)) / len(qs) / B
-    method = methods.build("at", torch.nn.Identity())
+    method = methods.build("at", torch.nn.Identity(), beta=1000.0)
     method.student_forward = lambda x: (x, methods.Features(fs))
     _, losses = method.forward_train(torch.zeros(B, C), torch.zeros(B, dtype=torch.long),
                                      teacher=methods.Features(ft))
@@ -158,7 +159,7 @@ def test_fitnet_regressor_is_conv_bn_relu_and_the_hint_loss_its_mse():
     g = torch.Generator().manual_seed(2)
     fs, ft = torch.randn(B, 4, 3, 3, generator=g), torch.randn(B, 6, 3, 3, generator=g)
     setup = methods.Setup(num_classes=C, student_shapes=[(4, 3, 3)], teacher_shapes=[(6, 3, 3)])
-    method = methods.build("fitnet", torch.nn.Identity(), setup)
+    method = methods.build("fitnet", torch.nn.Identity(), setup, weight=100.0)
     kinds = [type(m).__name__ for m in method.regressor]
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"]
     method.student_forward = lambda x: (x, methods.Features([fs]))
