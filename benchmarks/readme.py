@@ -351,6 +351,19 @@ def conv_kernels(results: Path) -> str:
     return "\n".join(lines)
 
 
+def compress_table(rows: list[dict], indent: str = "") -> list[str]:
+    """student_designs.json's `compress` rows as a Markdown table (the README's block and student_designs.md)."""
+    lines = [f"{indent}| student | fp32 top-1 | int8 top-1 | below the teacher | speed-up vs teacher (bs1) | "
+             f"size ratio | compress |", f"{indent}|---|---|---|---|---|---|---|"]
+    for row in rows:
+        top = row["top1"]
+        lines.append(f"{indent}| {row['student']} ({row['epochs']} epochs) | {pct(top['student_fp32'])} | "
+                     f"{pct(top['artifact'])} | {(top['teacher'] - top['artifact']) * 100:.2f} pt of "
+                     f"{pct(top['teacher'])} | {row['speedup_vs_teacher']:.1f}x | {row['size_ratio']:.1f}x | "
+                     f"{row['wall_s']:.0f} s |")
+    return lines
+
+
 def student_designs(results: Path) -> str:
     """The student design screen and the default students through compress, from student_designs.json."""
     r = load(results, "student_designs")
@@ -370,16 +383,9 @@ def student_designs(results: Path) -> str:
                        f"bs1 is {fastest['design']}'s ({fastest['bs1']['int8_ms']:.3f} ms, "
                        f"{fastest['bs1']['ratio']:.2f}x its fp32).", "  ")]
     if r.get("compress"):
-        lines += ["", para("- The students named by `--compress` through a first `edgecompress compress` (every other setting the "
-                           "default; one after another, nothing else running; 10,000 test images):", "  "), "",
-                  "  | student | fp32 top-1 | int8 top-1 | below the teacher | speed-up vs teacher (bs1) | "
-                  "size ratio | compress |", "  |---|---|---|---|---|---|---|"]
-        for row in r["compress"]:
-            top = row["top1"]
-            lines.append(f"  | {row['student']} ({row['epochs']} epochs) | {pct(top['student_fp32'])} | "
-                         f"{pct(top['artifact'])} | {(top['teacher'] - top['artifact']) * 100:.2f} pt of "
-                         f"{pct(top['teacher'])} | {row['speedup_vs_teacher']:.1f}x | {row['size_ratio']:.1f}x | "
-                         f"{row['wall_s']:.0f} s |")
+        lines += ["", para("- The students named by `--compress` through a first `edgecompress compress` (every other "
+                           "setting the default; one after another, nothing else running; 10,000 test images):", "  "),
+                  "", *compress_table(r["compress"], "  ")]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import interleaved, provenance, run_e2e, save_results  # noqa: E402
+from readme import compress_table  # noqa: E402
 
 from edgecompress.kernels import macs_per_image  # noqa: E402
 
@@ -140,13 +141,7 @@ def markdown(result: dict) -> str:
                      f"{r['bs64']['fp32_ms']:.3f} | {r['bs64']['int8_ms']:.3f} | {r['bs64']['ratio']:.2f}x |")
     if result.get("compress"):
         lines += ["", "## Through `edgecompress compress` (default settings, first run)", "",
-                  "| student | teacher top-1 | fp32 top-1 | int8 top-1 | drop vs teacher pt | speed-up vs teacher (bs1) | "
-                  "size ratio | compress s |", "|---|---|---|---|---|---|---|---|"]
-        for r in result["compress"]:
-            top = r["top1"]
-            lines.append(f"| {r['student']} | {top['teacher'] * 100:.2f}% | {top['student_fp32'] * 100:.2f}% | "
-                         f"{top['artifact'] * 100:.2f}% | {(top['teacher'] - top['artifact']) * 100:.2f} | "
-                         f"{r['speedup_vs_teacher']:.1f}x | {r['size_ratio']:.1f}x | {r['wall_s']:.0f} |")
+                  *compress_table(result["compress"])]
     return "\n".join(lines) + "\n"
 
 
