@@ -52,6 +52,16 @@ def square_convs(student: str) -> set[tuple[int, int]]:
     return found
 
 
+def kernel_events(session) -> list[tuple[str, str, float]]:
+    """(node, operator, microseconds) of every kernel a profiled ONNX Runtime session ran, in order; ends the
+    profile and removes its file."""
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    return [(e["name"][:-len("_kernel_time")], e["args"].get("op_name", "?"), e["dur"]) for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
 def conv_us(path: Path, op_type: str, batch: int, shape: tuple[int, int, int], runs: int, work: Path) -> list[float]:
     """Per-run durations (us) of the `op_type` node in one fresh profiled session."""
     options = ort.SessionOptions()
@@ -63,11 +73,7 @@ def conv_us(path: Path, op_type: str, batch: int, shape: tuple[int, int, int], r
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).random((batch, *shape), dtype=np.float32)}
     for _ in range(runs):
         session.run(None, feed)
-    profile = Path(session.end_profiling())
-    events = json.loads(profile.read_text())
-    profile.unlink()
-    durations = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                 and e["args"]["op_name"] == op_type]
+    durations = [us for _, op, us in kernel_events(session) if op == op_type]
     if not durations:
         raise RuntimeError(f"{path.name}: no {op_type} node ran; the graph is not the one this benchmark expects")
     return durations[runs // 10:]  # the first runs warm caches and prepack

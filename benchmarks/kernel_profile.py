@@ -5,7 +5,7 @@ batch 1 and 64.
     python benchmarks/kernel_profile.py [--run runs/default] [--calls 200 20]
 
 ONNX Runtime: a session with the target's settings and `enable_profiling`; each node's kernel time ("Node"
-events, their `dur`) per call, summed per operator type, with the provider's kernel names. OpenVINO: the CPU
+events, their `dur`) per call, summed per operator type. OpenVINO: the CPU
 plugin's per-layer counters (`PERF_COUNT`): `real_time` per layer and its `exec_type` (the primitive the plugin
 chose, e.g. brgconv_avx512_core_vnni_I8). Both report the median over the calls of each layer's time, and the
 median wall time of an un-profiled call in the same process, so what the counters leave out (framework
@@ -14,7 +14,6 @@ overhead between kernels) shows as the difference. Writes benchmarks/results/ker
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conv_kernels import kernel_events  # noqa: E402
 from peers import calibration_images, nncf_int8, openvino_ir  # noqa: E402
 from perf import kernel_peak, provenance, save_results  # noqa: E402
 
@@ -53,7 +53,8 @@ def wall_ms(call, x: np.ndarray, calls: int) -> float:
 
 
 def ort_profile(model: Path, x: np.ndarray, calls: int, threads: int, settings, work: Path) -> dict:
-    """Per-layer kernel times of ONNX Runtime (median over `calls`), the layer's op type and kernel provider."""
+    """Per-layer kernel times of ONNX Runtime (median over `calls`) and the layer's operator (ORT's profile names
+    the operator, not the kernel beneath it)."""
     import onnxruntime as ort
 
     plain = ort.InferenceSession(str(model), ort_session_options(threads, settings), providers=["CPUExecutionProvider"])
@@ -65,16 +66,11 @@ def ort_profile(model: Path, x: np.ndarray, calls: int, threads: int, settings, 
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     for _ in range(10 + calls):  # the median over all calls: the warm-up calls do not move it
         session.run(None, {name: x})
-    profile = Path(session.end_profiling())
-    events = json.loads(profile.read_text())
-    profile.unlink()
     per_layer: dict[str, list[float]] = defaultdict(list)
     op_of = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            layer = e["name"][:-len("_kernel_time")]
-            per_layer[layer].append(e["dur"] / 1e3)
-            op_of[layer] = e["args"].get("op_name", "?")
+    for layer, op, us in kernel_events(session):
+        per_layer[layer].append(us / 1e3)
+        op_of[layer] = op
     layers = [{"layer": k, "type": op_of[k], "kernel": op_of[k], "ms": statistics.median(v)}
               for k, v in per_layer.items()]
     return {"wall_ms": wall, "layers": layers}
