@@ -5,6 +5,7 @@ report.json holds the summaries, latency.json every timed run, and report.md / r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -298,9 +299,7 @@ def run(ctx: RunContext) -> Path:
         "size_ratio": round(results["teacher"]["size_bytes"] / results["artifact"]["size_bytes"], 2),
         "accuracy_drop_pt": round(drop, 3),
         "accuracy_differences": differences,
-        "budgets": {"max_accuracy_drop": budgets.max_accuracy_drop, "max_latency_ms": budgets.max_latency_ms,
-                    "min_speedup": budgets.min_speedup, "max_size_mb": budgets.max_size_mb, "passed": not failed,
-                    "failed": failed},
+        "budgets": {**dataclasses.asdict(budgets), "passed": not failed, "failed": failed},
         "unverified": build["unverified"],
         "statistics": {
             "level": stats.LEVEL, "resamples": resamples, "seed": seed,
