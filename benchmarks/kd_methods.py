@@ -3,7 +3,7 @@ schedule, several seeds, paired gains with 95% intervals; hyperparameters chosen
 the training images, never on the test images.
 
     nice python benchmarks/kd_methods.py --setting subset [--seeds 0 1 2 3 4] [--methods ...]
-    nice python benchmarks/kd_methods.py --setting full
+    nice python benchmarks/kd_methods.py --setting full --precision bf16   (the product's precision on this CPU)
     nice python benchmarks/kd_methods.py --tune dkd beta=4,8 --setting subset --seeds 0 1   (validation only)
 
 Data: Fashion-MNIST's 60,000 training images less a stratified validation split (--validation, default 5,000,
@@ -11,7 +11,8 @@ fixed by --split-seed); `subset` trains on a stratified 5,000 of the rest, `full
 through the product's distill stage (distill.run) with the pinned setting (teacher, student, epochs, batch, lr,
 schedule, precision: all in the JSON and applied), and is scored on the validation split (for tuning) and on the
 10,000 test images (for the table only). Gains over `none` are paired by seed: mean difference of test top-1
-with a 95% Student-t interval over the seeds. `cross-modal` is compared with itself at alpha = 0, which is the
+with a 95% Student-t interval over the seeds. Logit-standardised KD (hinton standardize=true) has its own row.
+`cross-modal` is compared with itself at alpha = 0, which is the
 student trained alone on the same (downsampled) view. `datafree` reads no training image and gets its own line.
 Writes benchmarks/results/kd_methods-<setting>.json/.md (or kd_tuning-<method>.json with --tune); finished runs
 are kept in a .partial.json beside them, so a rerun with the same setting continues where it stopped.
@@ -52,6 +53,8 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 SAME_SETTING = ("setting", "teacher", "student", "epochs", "batch", "lr", "precision", "threads", "train_images",
                 "validation_images", "split_seed")
 BASELINES = {"cross-modal": {"alpha": 0.0}}  # compared with itself at these options instead of with `none`
+# rows of their own beside a method's defaults: logit standardisation is an option of hinton, measured as a method
+VARIANTS = {"hinton": [{"standardize": "true"}]}
 
 
 @torch.inference_mode()
@@ -138,12 +141,13 @@ def summarise(runs: list[dict], methods: list[str], setting: dict) -> list[dict]
         return {r["seed"]: r for r in runs if r["method"] == method and r.get("resolved") == wanted and "test_top1" in r}
 
     rows = []
-    for method in methods:
+    for method, options in table_rows(methods):
         cls = distillers.METHODS[method]
-        mine = of(method, {})
-        row = {"method": method, "family": cls.family, "paper": cls.paper, "options": resolved(method, {}, setting),
-               "seeds": sorted(mine),
-               "failed": [r["error"] for r in runs if r["method"] == method and "error" in r]}
+        mine = of(method, options)
+        row = {"method": method + "".join(f" {k}={v}" for k, v in options.items()), "family": cls.family,
+               "paper": cls.paper, "options": resolved(method, options, setting), "seeds": sorted(mine),
+               "failed": [r["error"] for r in runs if r["method"] == method and r["options"] == options
+                          and "error" in r]}
         if mine:
             for key in ("test_top1", "validation_top1", "test_agreement"):
                 values = [r[key] for r in mine.values()]
@@ -159,11 +163,16 @@ def summarise(runs: list[dict], methods: list[str], setting: dict) -> list[dict]
             hinton = of("hinton", {})
             seeds = sorted(set(mine) & set(hinton))
             # against Hinton KD only where both train on the same images (not cross-modal's view, not data-free)
-            if method not in ("hinton", "none", "datafree", *BASELINES) and seeds:
+            if (method, options) != ("hinton", {}) and method not in ("none", "datafree", *BASELINES) and seeds:
                 row["gain_vs_hinton"] = paired([mine[s]["test_top1"] for s in seeds],
                                                [hinton[s]["test_top1"] for s in seeds])
         rows.append(row)
     return rows
+
+
+def table_rows(methods: list[str]) -> list[tuple[str, dict]]:
+    """(method, options) of each row: every method with its defaults, then the variants of those measured."""
+    return [(m, {}) for m in methods] + [(m, o) for m, variants in VARIANTS.items() if m in methods for o in variants]
 
 
 def markdown(result: dict) -> str:
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(method, g) for g in grid]
         stem = f"kd_tuning-{method}-{args.setting}"
     else:
-        plan = [(m, {}) for m in args.methods] + [(m, o) for m, o in BASELINES.items() if m in args.methods]
+        plan = table_rows(args.methods) + [(m, o) for m, o in BASELINES.items() if m in args.methods]
         if "hinton" not in args.methods or "none" not in args.methods:
             parser.error("--methods must include none and hinton (the baselines every gain is paired with)")
         stem = f"kd_methods-{args.setting}"
