@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         method = args.tune[0]
         table = []
-        tried = {json.dumps(r["resolved"], sort_keys=True): r["options"] for r in runs if r["method"] == method}
+        # option sets that resolve alike under today's defaults are one row (e.g. a new option at its default)
+        tried = {json.dumps(resolved(method, r["options"], setting), sort_keys=True): r["options"]
+                 for r in runs if r["method"] == method}
         for g in tried.values():
             wanted = resolved(method, g, setting)
             scores = [r["validation_top1"] for r in runs if r.get("resolved") == wanted and "validation_top1" in r

@@ -413,8 +413,10 @@ def kd_methods(results: Path) -> str:
             now = methods.method_options(DistillConfig(method=t["method"]))
             default = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in now.items()
                                if k in tuned)
+            lr = t["setting"]["lr"]
             lines.append(f"| {t['method']} | {t['setting']['setting']}, seeds "
-                         f"{', '.join(map(str, t['setting']['seeds']))} | {'; '.join(cells)} | {default} |")
+                         f"{', '.join(map(str, t['setting']['seeds']))}"
+                         f"{f', lr {lr:g}' if lr != DistillConfig().lr else ''} | {'; '.join(cells)} | {default} |")
         lines.append("")
     for path in sorted(results.glob("kd_methods-*.json")):
         m = json.loads(path.read_text())

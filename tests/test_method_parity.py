@@ -125,13 +125,14 @@ def test_mlkd(logits):
                              ** 2 for i in range(B) for j in range(B)) / B
         want["class"] += sum((sum(pt[i][a] * pt[i][b] for i in range(B)) - sum(ps[i][a] * ps[i][b] for i in range(B)))
                              ** 2 for a in range(C) for b in range(C)) / C
-    _, losses = methods.build("mlkd", torch.nn.Identity(), class_weight=1.0).forward_train(zs, y, zt)
+    _, losses = methods.build("mlkd", torch.nn.Identity(), kd_weight=0.9, class_weight=1.0).forward_train(zs, y, zt)
     for key, value in want.items():  # at the authors' weights
         close(losses[key], 0.9 * value)
     close(losses["ce"], 0.1 * F.cross_entropy(zs, y).item())
-    _, losses = methods.build("mlkd", torch.nn.Identity(), class_weight=0.01).forward_train(zs, y, zt)
-    close(losses["class"], 0.9 * 0.01 * want["class"])
-    close(losses["batch"], 0.9 * want["batch"])
+    _, losses = methods.build("mlkd", torch.nn.Identity()).forward_train(zs, y, zt)  # the tuned defaults
+    close(losses["class"], 0.2 * 0.01 * want["class"])
+    close(losses["batch"], 0.2 * want["batch"])
+    close(losses["instance"], 0.2 * want["instance"])
 
 
 # --- feature -----------------------------------------------------------------------------------------------------
