@@ -325,7 +325,7 @@ def test_self_distillation_feature_term_is_the_norm_over_the_batch():
     g = torch.Generator().manual_seed(8)
     maps = [torch.randn(B, 3, 4, 4, generator=g), torch.randn(B, 5, 2, 2, generator=g)]
     setup = methods.Setup(num_classes=C, student_stage_shapes=[(3, 4, 4), (5, 2, 2)])
-    method = methods.build("self-distill", torch.nn.Identity(), setup)
+    method = methods.build("self-distill", torch.nn.Identity(), setup, feature_weight=0.03)  # the authors' lambda
     method.student_forward = lambda x: (x, methods.Features(maps))
     zs = torch.randn(B, C, generator=g)
     _, losses = method.forward_train(zs, torch.zeros(B, dtype=torch.long))
