@@ -115,12 +115,14 @@ class ReviewKD(FeatureDistiller):
     sees its own stage and every deeper one, and each output is compared with the teacher's map of its stage by
     the hierarchical context loss (hcl_loss): L = CE(z_s, y) + w(t) * weight * sum_j HCL(ABF_j, F_t^j); w(t) ramps
     from 0 to 1 over the first warmup fraction of training. weight 1 and a 20-of-240-epoch warm-up are
-    mdistiller's defaults (its CIFAR-100 config uses 5); mid channels min(512, deepest student channels).
+    mdistiller's defaults (its CIFAR-100 config uses 5); the weight here is 30, tuned on the validation split
+    (README, kd-methods: 1: 87.13%, 10: 88.39%, 30: 88.77%, 100: 86.52%); mid channels min(512, deepest student
+    channels).
     mdistiller also adds the pooled embedding as a 1x1 level; here the levels are the paired stage ends only.
     """
 
     name, family, paper = "reviewkd", "feature", "arXiv:2104.09044"
-    defaults = {"weight": 1.0, "warmup": 20 / 240}
+    defaults = {"weight": 30.0, "warmup": 20 / 240}
 
     def __init__(self, student, setup, **hp):
         super().__init__(student, setup, **hp)
