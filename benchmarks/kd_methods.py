@@ -125,6 +125,30 @@ def one_run(method: str, options: dict, seed: int, npz: Path, setting: dict, wor
     return result
 
 
+def shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def tuning_grid(method: str, runs: list[dict], seeds: list[int], setting: dict) -> list[dict]:
+    """One row per option set the runs trained with (their recorded resolved options, not the options re-resolved
+    against today's defaults, which may have changed since): its options as given plus every one that differs
+    from today's default, and the mean validation top-1 over `seeds`."""
+    today, rows = resolved(method, {}, setting), {}
+    for r in runs:
+        if r["method"] == method and "validation_top1" in r and r["seed"] in seeds:
+            row = rows.setdefault(json.dumps(r["resolved"], sort_keys=True),
+                                  {"resolved": r["resolved"], "given": r["options"], "scores": []})
+            row["scores"].append(r["validation_top1"])
+    table = []
+    for row in rows.values():
+        ran = row["resolved"]
+        keys = sorted(set(row["given"]) | {k for k in today if ran.get(k) != today[k]})
+        options = {k: shown(ran[k]) if k in ran else "(not an option then)" for k in keys}
+        table.append({"options": options, "resolved": ran, "validation_top1": statistics.mean(row["scores"]),
+                      "seeds": len(row["scores"])})
+    return table
+
+
 def paired(values: list[float], base: list[float]) -> dict:
     """Mean paired difference in points with a 95% Student-t interval over the pairs (seeds)."""
     diffs = [(a - b) * 100 for a, b in zip(values, base)]
@@ -289,17 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_minutes": round((time.perf_counter() - began) / 60, 1)}
     if args.tune:
         method = args.tune[0]
-        table = []
-        # option sets that resolve alike under today's defaults are one row (e.g. a new option at its default)
-        tried = {json.dumps(resolved(method, r["options"], setting), sort_keys=True): r["options"]
-                 for r in runs if r["method"] == method}
-        for g in tried.values():
-            wanted = resolved(method, g, setting)
-            scores = [r["validation_top1"] for r in runs if r.get("resolved") == wanted and "validation_top1" in r
-                      and r["seed"] in args.seeds]
-            if scores:  # every option set tried so far, this grid's and earlier ones'
-                table.append({"options": g, "resolved": wanted, "validation_top1": statistics.mean(scores),
-                              "seeds": len(scores)})
+        table = tuning_grid(method, runs, args.seeds, setting)
         result = {"setting": setting, "method": args.tune[0], "grid": table, "runs": runs,
                   "chosen": max(table, key=lambda row: row["validation_top1"])["options"],
                   "rule": "highest mean validation top-1; the test images are not read"}

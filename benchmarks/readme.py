@@ -408,6 +408,8 @@ def kd_methods(results: Path) -> str:
             for row in t["grid"]:
                 given = " ".join(f"{k}={v}" for k, v in row["options"].items()) or "(no options)"
                 text = f"{given}: {pct(row['validation_top1'])}"
+                if row["seeds"] < len(t["setting"]["seeds"]):
+                    text += f" ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
                 cells.append(f"**{text}**" if row["options"] == t["chosen"] else text)
             tuned = {key for row in t["grid"] for key in row["options"]}
             now = methods.method_options(DistillConfig(method=t["method"]))
