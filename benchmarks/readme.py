@@ -389,6 +389,11 @@ def student_designs(results: Path) -> str:
     return "\n".join(lines)
 
 
+def commits(runs: list[dict]) -> str:
+    names = sorted({r["commit"] for r in runs})
+    return f"commit{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
 def kd_methods(results: Path) -> str:
     """The distillation methods measured (kd_methods-<setting>.json) and how their defaults were tuned
     (kd_tuning-*.json), every setting found under results/."""
@@ -428,7 +433,8 @@ def kd_methods(results: Path) -> str:
                        f"{s['train_images']:,} training images, batch {s['batch']}, OneCycle SGD peak lr {s['lr']}, "
                        f"{s['precision']}, seeds {', '.join(map(str, s['seeds']))}; each method with its defaults. "
                        f"Test top-1 on {s['test_images']:,} images; gains paired by seed, mean [95% t-interval] in "
-                       f"points (commit {s['commit']}, {s['wall_minutes']:.0f} min):", ""), "",
+                       f"points (runs at {commits(m['runs'])}; "
+                       f"{sum(r.get('run_seconds', 0) for r in m['runs']) / 60:.0f} min of training):", ""), "",
                   "| method | family | test top-1 (mean ± std) | vs baseline | vs hinton |", "|---|---|---|---|---|"]
         for row in m["methods"]:
             if "test_top1" not in row:
