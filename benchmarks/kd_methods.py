@@ -12,8 +12,8 @@ through the product's distill stage (distill.run) with the pinned setting (teach
 schedule, precision: all in the JSON and applied), and is scored on the validation split (for tuning) and on the
 10,000 test images (for the table only). Gains over `none` are paired by seed: mean difference of test top-1
 with a 95% Student-t interval over the seeds. Logit-standardised KD (hinton standardize=true) has its own row.
-`cross-modal` is compared with itself at alpha = 0, which is the
-student trained alone on the same (downsampled) view. `datafree` reads no training image and gets its own line.
+`cross-modal` is compared with itself at alpha = 0, which is the student trained alone on the same (downsampled)
+view. `datafree` reads no training image and gets its own line.
 Writes benchmarks/results/kd_methods-<setting>.json/.md (or kd_tuning-<method>.json with --tune); finished runs
 are kept in a .partial.json beside them, so a rerun with the same setting continues where it stopped.
 """
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance  # noqa: E402
-from readme import interval  # noqa: E402
+from readme import commits, interval, shown  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data, distill, files  # noqa: E402
@@ -125,10 +125,6 @@ def one_run(method: str, options: dict, seed: int, npz: Path, setting: dict, wor
     return result
 
 
-def shown(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def tuning_grid(method: str, runs: list[dict], seeds: list[int], setting: dict) -> list[dict]:
     """One row per option set the runs trained with (their recorded resolved options, not the options re-resolved
     against today's defaults, which may have changed since): its options as given plus every one that differs
@@ -208,7 +204,8 @@ def markdown(result: dict) -> str:
         f"(the {s['validation_images']} validation images held out), batch {s['batch']}, OneCycle SGD peak lr "
         f"{s['lr']}, {s['precision']} precision, seeds {', '.join(map(str, s['seeds']))}; each method with its "
         f"defaults (`edgecompress methods`). Test top-1 on the {s['test_images']} test images; gains are paired by "
-        f"seed (mean [95% t-interval] in points). Commit {s['commit']}, {s['date']}, {s['host']}.", "",
+        f"seed (mean [95% t-interval] in points). Runs at {commits(result['runs'])}; written {s['date']}, "
+        f"{s['host']}.", "",
         "| method | family | test top-1 % (mean ± std) | vs baseline (pt) | vs hinton (pt) | agreement % |",
         "|---|---|---|---|---|---|"]
     for r in result["methods"]:

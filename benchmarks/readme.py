@@ -389,6 +389,11 @@ def student_designs(results: Path) -> str:
     return "\n".join(lines)
 
 
+def shown(value) -> str:
+    """An option's value as the tables write it: floats without trailing zeros."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def commits(runs: list[dict]) -> str:
     names = sorted({r["commit"] for r in runs})
     return f"commit{'s' if len(names) > 1 else ''} {', '.join(names)}"
@@ -418,8 +423,7 @@ def kd_methods(results: Path) -> str:
                 cells.append(f"**{text}**" if row["options"] == t["chosen"] else text)
             tuned = {key for row in t["grid"] for key in row["options"]}
             now = methods.method_options(DistillConfig(method=t["method"]))
-            default = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in now.items()
-                               if k in tuned)
+            default = " ".join(f"{k}={shown(v)}" for k, v in now.items() if k in tuned)
             lr = t["setting"]["lr"]
             lines.append(f"| {t['method']} | {t['setting']['setting']}, seeds "
                          f"{', '.join(map(str, t['setting']['seeds']))}"
