@@ -158,7 +158,8 @@ def paired(values: list[float], base: list[float]) -> dict:
 def summarise(runs: list[dict], methods: list[str], setting: dict) -> list[dict]:
     def of(method: str, options: dict) -> dict[int, dict]:
         wanted = resolved(method, options, setting)
-        return {r["seed"]: r for r in runs if r["method"] == method and r.get("resolved") == wanted and "test_top1" in r}
+        return {r["seed"]: r for r in runs
+                if r["method"] == method and r.get("resolved") == wanted and "test_top1" in r}
 
     rows = []
     for method, options in table_rows(methods):

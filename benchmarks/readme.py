@@ -180,6 +180,7 @@ def which_default(student: str) -> str:
 def quantization(results: Path) -> str:
     """ORT's quantize_static defaults against the quantize stage: the table and the calibration-seed sweep."""
     r = load(results, "quantization")
+    student_then = which_default(r["default_run"]["student"])
     default = next(s for s in r["students"] if "edgecompress defaults" in s["student"])
     seeds, (outlier, outliers3) = r["calibration_seeds"], r["cases"]
     f, o, u = default["fp32"], default["ort_defaults"], default["ours"]
@@ -206,7 +207,7 @@ def quantization(results: Path) -> str:
                   "`edgecompress compress` with every default."), "",
              "| model | fp32 | ORT `quantize_static` defaults | ours (x86 scheme, bias correction, `auto`, fallback, "
              "QAT) |", "|---|---|---|---|",
-             f"| {which_default(r['default_run']['student'])} ({r['default_run']['student']}, "
+             f"| {student_then} ({r['default_run']['student']}, "
              f"{r['default_run']['epochs']}-epoch distill) | "
              f"{pct(f['top1'])} | {pct(o['top1'])} ({-o['drop_vs_fp32_pt']:+.2f} pt), {o['latency_bs1_ms']:.3f} ms | "
              f"{pct(u['top1'])} ({-u['drop_vs_fp32_pt']:+.2f} pt), {u['latency_bs1_ms']:.3f} ms |",
@@ -248,14 +249,14 @@ def quantization(results: Path) -> str:
         f"{max(s['ours']['drop_vs_fp32_pt'] for s in zoo):.2f} point with ours and at most "
         f"{max(s['ort_defaults']['drop_vs_fp32_pt'] for s in zoo):.2f} with ORT's defaults. ORT's defaults use "
         f"int8 activations, which run {act['int8']['bs1'] / act['uint8']['bs1']:.2f}x (bs1) and "
-        f"{act['int8']['bs64'] / act['uint8']['bs64']:.2f}x (bs64) slower than uint8 here ({which_default(r['default_run']['student'])}: "
+        f"{act['int8']['bs64'] / act['uint8']['bs64']:.2f}x (bs64) slower than uint8 here ({student_then}: "
         f"{act['uint8']['bs1']:.3f} vs {act['int8']['bs1']:.3f} ms at batch 1, {act['uint8']['bs64']:.1f} vs "
         f"{act['int8']['bs64']:.1f} ms at batch 64), so the x86 scheme keeps uint8.")]
     over = [c for c in (default, outlier, outliers3) if c["ours"]["drop_vs_fp32_pt"] > 0.3]
     if over:
         lines += ["", para(
             "Over the 0.3-pt budget on the test images although the selection images said it was met: "
-            + "; ".join(f"{c['student'].replace('default student', which_default(r['default_run']['student']))} "
+            + "; ".join(f"{c['student'].replace('default student', student_then)} "
                         f"({c['ours']['drop_vs_fp32_pt']:.2f} pt)" for c in over)
             + ". The selection images are training images, which the student fits better than new ones, so a drop "
             "there understates the drop on new images; judged on the test images (before the selection split) the "
@@ -432,7 +433,8 @@ def kd_methods(results: Path) -> str:
     for path in sorted(results.glob("kd_methods-*.json")):
         m = json.loads(path.read_text())
         s = m["setting"]
-        lines += [para(f"`{s['setting']}` setting: teacher `{s['teacher']}` ({pct(s['teacher_test_top1'])} test top-1), "
+        lines += [para(f"`{s['setting']}` setting: teacher `{s['teacher']}` ({pct(s['teacher_test_top1'])} test "
+                       f"top-1), "
                        f"student `{s['student']}`, every method {s['epochs']} epochs on the same "
                        f"{s['train_images']:,} training images, batch {s['batch']}, OneCycle SGD peak lr {s['lr']}, "
                        f"{s['precision']}, seeds {', '.join(map(str, s['seeds']))}; each method with its defaults. "

@@ -178,6 +178,6 @@ class MLKD(Distiller):
     def forward_train(self, x, y, teacher_logits=None, teacher=None, index=None):
         logits = self.student(x)
         levels = [mlkd_losses(logits, teacher_logits, t) for t in self.temperatures]
-        w = self.hp["kd_weight"]
+        w, w_class = self.hp["kd_weight"], self.hp["kd_weight"] * self.hp["class_weight"]
         return logits, {"ce": self.hp["ce_weight"] * ce(logits, y), "instance": w * sum(l[0] for l in levels),
-                        "batch": w * sum(l[1] for l in levels), "class": w * self.hp["class_weight"] * sum(l[2] for l in levels)}
+                        "batch": w * sum(l[1] for l in levels), "class": w_class * sum(l[2] for l in levels)}
