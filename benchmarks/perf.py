@@ -88,8 +88,8 @@ def run_e2e(run_dir: Path, *options: str) -> dict:
             "top1": {name: report[name]["accuracy"] for name in ("teacher", "student_fp32", "artifact")},
             "bs1_p50_ms": {name: report[name]["latency_ms"]["bs1"]["p50"] for name in ("teacher", "artifact")},
             "speedup_vs_teacher": report["speedup_vs_teacher"], "size_ratio": report["size_ratio"],
-            "student": config["distill"]["student"], "epochs": config["distill"]["epochs"],
-            "eval_images": report["data"]["eval_images"]}
+            "student": config["distill"]["student"], "method": config["distill"]["method"],
+            "epochs": config["distill"]["epochs"], "eval_images": report["data"]["eval_images"]}
 
 
 def kernel_peak(kind: str, threads: int, size: int = 1024) -> float:

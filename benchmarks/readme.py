@@ -133,12 +133,13 @@ def default_run(results: Path) -> str:
     stages, top1 = e["stage_s"], e["top1"]
     return para(
         f"Measured by `python benchmarks/perf.py` on the {host_words(r)} CI machine, first run of the defaults "
-        f"({e['student']}, {e['epochs']} epochs): {e['wall_s']:.0f} s (distill {stages['distill']:.0f} s, quantize "
+        f"({e['student']}, {e['epochs']} epochs of {e['method']}): {e['wall_s']:.0f} s (distill "
+        f"{stages['distill']:.0f} s, quantize "
         f"{stages['quantize']:.0f} s, verify {stages['verify']:.0f} s); teacher {100 * top1['teacher']:.2f}% top-1, "
         f"fp32 student {100 * top1['student_fp32']:.2f}%, int8 artifact {100 * top1['artifact']:.2f}% on the "
         f"{e['eval_images']:,} test images; the artifact is {e['speedup_vs_teacher']}x faster than the teacher in "
         f"PyTorch at batch 1 on one thread ({e['bs1_p50_ms']['artifact']:.3f} vs {e['bs1_p50_ms']['teacher']:.2f} "
-        f"ms, the run's own report; the benchmark's inference section, in other sessions, measured "
+        f"ms, the run's own report; the benchmark's inference section, timed separately, measured "
         f"{r['ratios']['artifact vs teacher torch eager, bs1 1 thread (x faster)']}x) and {e['size_ratio']:.0f}x "
         "smaller.")
 
@@ -358,7 +359,8 @@ def compress_table(rows: list[dict], indent: str = "") -> list[str]:
              f"size ratio | compress |", f"{indent}|---|---|---|---|---|---|---|"]
     for row in rows:
         top = row["top1"]
-        lines.append(f"{indent}| {row['student']} ({row['epochs']} epochs) | {pct(top['student_fp32'])} | "
+        lines.append(f"{indent}| {row['student']} ({row['epochs']} epochs of {row['method']}) | "
+                     f"{pct(top['student_fp32'])} | "
                      f"{pct(top['artifact'])} | {(top['teacher'] - top['artifact']) * 100:.2f} pt of "
                      f"{pct(top['teacher'])} | {row['speedup_vs_teacher']:.1f}x | {row['size_ratio']:.1f}x | "
                      f"{row['wall_s']:.0f} s |")
@@ -385,7 +387,8 @@ def student_designs(results: Path) -> str:
                        f"{fastest['bs1']['ratio']:.2f}x its fp32).", "  ")]
     if r.get("compress"):
         lines += ["", para("- The students named by `--compress` through a first `edgecompress compress` (every other "
-                           "setting the default; one after another, nothing else running; 10,000 test images):", "  "),
+                           "setting the default when they ran, the method named beside the student; one after "
+                           "another, nothing else running; 10,000 test images):", "  "),
                   "", *compress_table(r["compress"], "  ")]
     return "\n".join(lines)
 
@@ -437,19 +440,22 @@ def kd_methods(results: Path) -> str:
                        f"top-1), "
                        f"student `{s['student']}`, every method {s['epochs']} epochs on the same "
                        f"{s['train_images']:,} training images, batch {s['batch']}, OneCycle SGD peak lr {s['lr']}, "
-                       f"{s['precision']}, seeds {', '.join(map(str, s['seeds']))}; each method with its defaults. "
+                       f"{s['precision']}, seeds {', '.join(map(str, s['seeds']))} (each row's count in its own "
+                       f"column); each method with its defaults. "
                        f"Test top-1 on {s['test_images']:,} images; gains paired by seed, mean [95% t-interval] in "
                        f"points (runs at {commits(m['runs'])}; "
                        f"{sum(r.get('run_seconds', 0) for r in m['runs']) / 60:.0f} min of training):", ""), "",
-                  "| method | family | test top-1 (mean ± std) | vs baseline | vs hinton |", "|---|---|---|---|---|"]
+                  "| method | family | seeds | test top-1 (mean ± std) | vs baseline | vs hinton |",
+                  "|---|---|---|---|---|---|"]
         for row in m["methods"]:
             if "test_top1" not in row:
-                lines.append(f"| {row['method']} | {row['family']} | failed | | |")
+                lines.append(f"| {row['method']} | {row['family']} | | failed | | |")
                 continue
             base = "baseline" if row["method"] == "none" else interval(row.get("gain_vs_baseline"))
             if row.get("baseline", "none") != "none":
                 base += f" (vs {row['baseline']})"
-            lines.append(f"| {row['method']} | {row['family']} | {row['test_top1']['mean'] * 100:.2f} ± "
+            lines.append(f"| {row['method']} | {row['family']} | {len(row['seeds'])} | "
+                         f"{row['test_top1']['mean'] * 100:.2f} ± "
                          f"{row['test_top1']['std'] * 100:.2f} | {base} | {interval(row.get('gain_vs_hinton'))} |")
         lines += ["", *[para(f"- {note}", "  ") for note in m["notes"]], ""]
     if not lines:
