@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance  # noqa: E402
-from readme import commits, interval, shown  # noqa: E402
+from readme import commits, methods_table, shown  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data, distill, files  # noqa: E402
@@ -207,18 +207,7 @@ def markdown(result: dict) -> str:
         f"defaults (`edgecompress methods`). Test top-1 on the {s['test_images']} test images; gains are paired by "
         f"seed (mean [95% t-interval] in points). Runs at {commits(result['runs'])}; written {s['date']}, "
         f"{s['host']}.", "",
-        "| method | family | seeds | test top-1 % (mean ± std) | vs baseline (pt) | vs hinton (pt) | agreement % |",
-        "|---|---|---|---|---|---|---|"]
-    for r in result["methods"]:
-        if "test_top1" not in r:
-            lines.append(f"| {r['method']} | {r['family']} | | failed: {'; '.join(r['failed'])[:100]} | | | |")
-            continue
-        base = "baseline" if r["method"] == "none" else (
-            f"{interval(r.get('gain_vs_baseline'))}" + (f" (vs {r['baseline']})" if r.get("baseline", "none") != "none"
-                                                        else ""))
-        lines.append(f"| {r['method']} | {r['family']} | {len(r['seeds'])} | {r['test_top1']['mean'] * 100:.2f} ± "
-                     f"{r['test_top1']['std'] * 100:.2f} | {base} | {interval(r.get('gain_vs_hinton'))} | "
-                     f"{r['test_agreement']['mean'] * 100:.2f} |")
+        *methods_table(result["methods"], agreement=True)]
     lines += ["", *[f"- {note}" for note in result["notes"]], ""]
     return "\n".join(lines)
 

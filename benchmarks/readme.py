@@ -445,22 +445,32 @@ def kd_methods(results: Path) -> str:
                        f"Test top-1 on {s['test_images']:,} images; gains paired by seed, mean [95% t-interval] in "
                        f"points (runs at {commits(m['runs'])}; "
                        f"{sum(r.get('run_seconds', 0) for r in m['runs']) / 60:.0f} min of training):", ""), "",
-                  "| method | family | seeds | test top-1 (mean ± std) | vs baseline | vs hinton |",
-                  "|---|---|---|---|---|---|"]
-        for row in m["methods"]:
-            if "test_top1" not in row:
-                lines.append(f"| {row['method']} | {row['family']} | | failed | | |")
-                continue
-            base = "baseline" if row["method"] == "none" else interval(row.get("gain_vs_baseline"))
-            if row.get("baseline", "none") != "none":
-                base += f" (vs {row['baseline']})"
-            lines.append(f"| {row['method']} | {row['family']} | {len(row['seeds'])} | "
-                         f"{row['test_top1']['mean'] * 100:.2f} ± "
-                         f"{row['test_top1']['std'] * 100:.2f} | {base} | {interval(row.get('gain_vs_hinton'))} |")
+                  *methods_table(m["methods"])]
         lines += ["", *[para(f"- {note}", "  ") for note in m["notes"]], ""]
     if not lines:
         lines = ["Not measured yet on today's methods."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def methods_table(rows: list[dict], agreement: bool = False) -> list[str]:
+    """kd_methods' summary rows as a Markdown table (the README's block; kd_methods-<setting>.md adds the
+    teacher agreement and why a method failed)."""
+    extra = " agreement % |" if agreement else ""
+    lines = [f"| method | family | seeds | test top-1 % (mean ± std) | vs baseline (pt) | vs hinton (pt) |{extra}",
+             "|---|---|---|---|---|---|" + ("---|" if agreement else "")]
+    for row in rows:
+        if "test_top1" not in row:
+            why = f": {'; '.join(row['failed'])[:100]}" if agreement else ""
+            lines.append(f"| {row['method']} | {row['family']} | | failed{why} | | |" + (" |" if agreement else ""))
+            continue
+        base = "baseline" if row["method"] == "none" else interval(row.get("gain_vs_baseline"))
+        if row.get("baseline", "none") != "none":
+            base += f" (vs {row['baseline']})"
+        top1 = row["test_top1"]
+        lines.append(f"| {row['method']} | {row['family']} | {len(row['seeds'])} | {top1['mean'] * 100:.2f} ± "
+                     f"{top1['std'] * 100:.2f} | {base} | {interval(row.get('gain_vs_hinton'))} |"
+                     + (f" {row['test_agreement']['mean'] * 100:.2f} |" if agreement else ""))
+    return lines
 
 
 def interval(gain: dict | None) -> str:
