@@ -15,7 +15,8 @@ with a 95% Student-t interval over the seeds. Logit-standardised KD (hinton stan
 `cross-modal` is compared with itself at alpha = 0, which is the student trained alone on the same (downsampled)
 view. `datafree` reads no training image and gets its own line.
 Writes benchmarks/results/kd_methods-<setting>.json/.md (or kd_tuning-<method>.json with --tune); finished runs
-are kept in a .partial.json beside them, so a rerun with the same setting continues where it stopped.
+are kept in a .partial.json beside them, so a rerun with the same setting continues where it stopped;
+--runs-from adds the runs kept in other output directories (seeds or methods run in parallel, one --out each).
 """
 from __future__ import annotations
 
@@ -145,6 +146,11 @@ def tuning_grid(method: str, runs: list[dict], seeds: list[int], setting: dict) 
     return table
 
 
+def run_key(run: dict) -> tuple[str, str, int]:
+    """What makes two runs the same run: the method, its resolved options and the seed."""
+    return run["method"], json.dumps(run.get("resolved"), sort_keys=True), run["seed"]
+
+
 def paired(values: list[float], base: list[float]) -> dict:
     """Mean paired difference in points with a 95% Student-t interval over the pairs (seeds)."""
     diffs = [(a - b) * 100 for a, b in zip(values, base)]
@@ -238,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", nargs="+", metavar=("METHOD", "KEY=V1,V2"),
                         help="a grid of one method's options, scored on the validation split only")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--runs-from", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="also reuse the runs kept in these output directories (runs split over processes or "
+                             "machines, each with its own --out), under the same setting")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -268,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             if all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
                 runs = saved["runs"]
                 break
+    for other in args.runs_from:
+        for earlier in (other / f"{stem}.partial.json", other / f"{stem}.json"):
+            saved = json.loads(earlier.read_text()) if earlier.is_file() else None
+            if saved and all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
+                kept = {run_key(r) for r in runs}
+                runs += [r for r in saved["runs"] if run_key(r) not in kept]
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))
     try:
         npz = work / "fashion-train.npz"
