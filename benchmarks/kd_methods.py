@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for method, options in plan:
                 wanted = resolved(method, options, setting)
-                if any(r["method"] == method and r.get("resolved") == wanted and r["seed"] == seed for r in runs):
+                if run_key({"method": method, "resolved": wanted, "seed": seed}) in {run_key(r) for r in runs}:
                     continue
                 try:
                     run = one_run(method, options, seed, npz, setting, work, scored)
