@@ -277,12 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             if all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
                 runs = saved["runs"]
                 break
+    done = {run_key(r) for r in runs}
     for other in args.runs_from:
         for earlier in (other / f"{stem}.partial.json", other / f"{stem}.json"):
             saved = json.loads(earlier.read_text()) if earlier.is_file() else None
             if saved and all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
-                kept = {run_key(r) for r in runs}
-                runs += [r for r in saved["runs"] if run_key(r) not in kept]
+                runs += [r for r in saved["runs"] if run_key(r) not in done]
+                done = {run_key(r) for r in runs}
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))
     try:
         npz = work / "fashion-train.npz"
@@ -299,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for method, options in plan:
                 wanted = resolved(method, options, setting)
-                if run_key({"method": method, "resolved": wanted, "seed": seed}) in {run_key(r) for r in runs}:
+                if run_key({"method": method, "resolved": wanted, "seed": seed}) in done:
                     continue
                 try:
                     run = one_run(method, options, seed, npz, setting, work, scored)
                 except EdgeError as exc:  # a method that cannot run here is reported, not hidden
                     run = {"method": method, "options": options, "resolved": wanted, "seed": seed, "error": str(exc)}
                 runs.append(run)
+                done.add(run_key(run))
                 print(json.dumps(run), flush=True)
                 files.write_json(partial_path, {"setting": setting, "runs": runs})
     finally:
