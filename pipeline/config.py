@@ -54,6 +54,7 @@ class DistillConfig:
     batch: int = 128
     lr: float = 0.2                   # OneCycle's peak learning rate (SGD, Nesterov momentum 0.9)
     weight_decay: float = 5e-4
+    max_grad_norm: float = 0.0        # clip the gradient's global L2 norm to this before each step; 0: never
     precision: str = "auto"           # auto: bf16 autocast where the CPU has AVX-512 BF16 / AMX, CUDA when present
     # training augmentation of the images: none | flip | crop-flip (random-resized-crop + horizontal flip)
     augment: str = "none"
@@ -158,7 +159,8 @@ class RunConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")
-        for name, value in {"distill.weight_decay": d.weight_decay, "verify.warmup_runs": v.warmup_runs,
+        for name, value in {"distill.weight_decay": d.weight_decay, "distill.max_grad_norm": d.max_grad_norm,
+                            "verify.warmup_runs": v.warmup_runs,
                             "--max-latency-ms": self.max_latency_ms}.items():
             if value < 0:
                 raise BadInput(f"{name} must be >= 0, got {value}")

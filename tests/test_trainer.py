@@ -1,6 +1,7 @@
 """The distill stage's trainer on paths the method and CLI tests do not drive: teacher feature hooks for the
 feature, relation and contrastive methods (CRD's per-image index included), and bf16 autocast on the CPU."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,15 +9,18 @@ import torch
 
 from edgecompress import config as cfg
 from edgecompress import distill
-from edgecompress.distill.trainer import device_and_precision
+from edgecompress.distill.trainer import Schedule, device_and_precision, optimizer_step
+from edgecompress.errors import StageFailed
 from edgecompress.models.loaders import WEIGHTS_DIR
 from edgecompress.runner import RunContext, run_stage
 
 SHIPPED_TEACHER = WEIGHTS_DIR / "resnet18_half-fashion-mnist.pt"
 
 
-def distill_once(tmp_path, small_npz, method: str, precision: str = "fp32", epochs: int = 1) -> dict:
+def distill_once(tmp_path, small_npz, method: str, precision: str = "fp32", epochs: int = 1,
+                 max_grad_norm: float = 0.0) -> dict:
     config = cfg.RunConfig(data=str(small_npz))
+    config.distill.max_grad_norm = max_grad_norm
     config.teacher.weights = str(SHIPPED_TEACHER)
     config.distill.student, config.distill.method = "resnet_slim_050", method
     config.distill.epochs, config.distill.batch, config.distill.precision = epochs, 60, precision
@@ -77,3 +81,34 @@ def test_an_onnx_teacher_teaches_through_the_stage(tmp_path, small_npz):
     torch.testing.assert_close(cached, expected, rtol=1e-3, atol=1e-3)
     history = json.loads((ctx.out / "distill" / "history.json").read_text())
     assert history["teachers"] == [str(onnx_path)] and all(np.isfinite(e["kd"]) for e in history["epochs"])
+
+
+def one_step(loss_of, max_grad_norm: float, lr: float = 0.01):
+    w = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+    opt = torch.optim.SGD([w], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    norm = optimizer_step(loss_of(w), opt, sched, 0, Schedule(1, lr, 0.0, 0, max_grad_norm), Path("last.ckpt"))
+    return w.detach(), norm
+
+
+def test_the_step_clips_the_gradient_to_max_grad_norm_and_returns_the_norm_before():
+    # loss = 10 * (w . [3, -4]): gradient 10 * [3, -4], norm 50; clipped to 5 it is [3, -4]
+    w, norm = one_step(lambda w: 10 * (w * torch.tensor([3.0, -4.0])).sum(), max_grad_norm=5.0)
+    assert norm.item() == pytest.approx(50.0)
+    assert torch.allclose(w, torch.tensor([3.0 - 0.01 * 3, -4.0 + 0.01 * 4]))
+    w, norm = one_step(lambda w: 10 * (w * torch.tensor([3.0, -4.0])).sum(), max_grad_norm=0.0)  # 0: never
+    assert norm.item() == pytest.approx(50.0)
+    assert torch.allclose(w, torch.tensor([3.0 - 0.01 * 30, -4.0 + 0.01 * 40]))
+
+
+def test_an_infinite_gradient_under_a_finite_loss_stops_the_stage():
+    # d sqrt(u) / du is infinite at u = 0 while the loss is 0: clipping would turn it into NaN weights
+    with pytest.raises(StageFailed, match="gradient became .*distill.max_grad_norm"):
+        one_step(lambda w: (w - torch.tensor([3.0, -4.0])).sum().sqrt(), max_grad_norm=5.0)
+
+
+def test_the_history_reports_gradient_norms_and_the_clipped_steps(tmp_path, small_npz):
+    clipped = distill_once(tmp_path / "tiny", small_npz, "hinton", max_grad_norm=1e-4)["epochs"][0]
+    free = distill_once(tmp_path / "free", small_npz, "hinton")["epochs"][0]
+    assert clipped["clipped_steps"] == 1.0 and "clipped_steps" not in free
+    assert 0 < free["grad_norm_p50"] <= free["grad_norm_max"] and clipped["grad_norm_p50"] > 1e-4

@@ -348,8 +348,8 @@ def distil(ctx: RunContext, teacher: nn.Module, conf: DataFreeConfig, opts: dict
         return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
 
     history = trainer.fit(distiller, SyntheticBatches(images, dconf.batch, conf, device), OnlineTeacher(teacher, amp),
-                          trainer.Schedule(dconf.epochs, dconf.lr, dconf.weight_decay, seed), ckpt_path,
-                          digest(inputs(ctx)), ctx, device, autocast)
+                          trainer.Schedule(dconf.epochs, dconf.lr, dconf.weight_decay, seed, dconf.max_grad_norm),
+                          ckpt_path, digest(inputs(ctx)), ctx, device, autocast)
 
     student = student.cpu().to(memory_format=torch.contiguous_format).eval()
     mean, std = ctx.data_stats

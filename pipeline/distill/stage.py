@@ -289,8 +289,8 @@ def train(ctx: RunContext, cls: type, teachers: list[tuple[nn.Module, dict]]) ->
 
     answers = TeacherAnswers(ctx, source, teachers, teacher_taps, views, teacher_online, cached, soft_labels,
                              cls.many_teachers, device, amp, dist)
-    history = trainer.fit(distiller, source, answers, trainer.Schedule(conf.epochs, conf.lr, conf.weight_decay, seed),
-                          out_dir / "last.ckpt", digest(inputs(ctx)), ctx, device, autocast, dist, model,
+    schedule = trainer.Schedule(conf.epochs, conf.lr, conf.weight_decay, seed, conf.max_grad_norm)
+    history = trainer.fit(distiller, source, answers, schedule, out_dir / "last.ckpt", digest(inputs(ctx)), ctx, device, autocast, dist, model,
                           cls.needs_index)
 
     for tap in teacher_taps:

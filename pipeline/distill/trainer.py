@@ -2,7 +2,8 @@
 
 A run is a `fit` of a distiller over batches from a source (the training images, or images synthesised from the
 teacher) with the teacher's answers from a `Teacher` (cached logits, the FKD cache, the teacher online, or none):
-SGD with Nesterov momentum and a OneCycle schedule, a guard that stops on a NaN or Inf loss, a checkpoint after
+SGD with Nesterov momentum and a OneCycle schedule, the gradient's norm clipped (distill.max_grad_norm), a guard
+that stops on a NaN or Inf loss or gradient, a checkpoint after
 every epoch from which a killed run resumes, and one history row per epoch. The stages differ only in what they
 hand to it.
 """
@@ -114,18 +115,38 @@ class Schedule:
     lr: float
     weight_decay: float
     seed: int
+    max_grad_norm: float = 0.0  # 0: no clipping
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, epoch: int, lr: float,
-                   checkpoint: Path) -> None:
-    """One step; a NaN or Inf loss stops the stage, naming the last good checkpoint and the setting to lower."""
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, epoch: int, schedule: Schedule,
+                   checkpoint: Path) -> torch.Tensor:
+    """One step with the gradient's global L2 norm clipped to schedule.max_grad_norm (when > 0; Pascanu, Mikolov,
+    Bengio, "On the difficulty of training recurrent neural networks", ICML 2013: g <- g * min(1, c / ||g||)).
+    Returns the norm before clipping. A NaN or Inf loss or gradient stops the stage, naming the last good
+    checkpoint and the setting to lower."""
     if not torch.isfinite(loss):
         raise StageFailed(f"the distillation loss became {loss.item()} in epoch {epoch + 1}: lower the learning "
-                          f"rate (distill.lr = {lr}); the last good checkpoint is {checkpoint}")
+                          f"rate (distill.lr = {schedule.lr}); the last good checkpoint is {checkpoint}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, schedule.max_grad_norm or float("inf"))
+    if not torch.isfinite(norm):
+        raise StageFailed(f"the distillation gradient became {norm.item()} in epoch {epoch + 1}: lower the learning "
+                          f"rate (distill.lr = {schedule.lr}) or clip it (distill.max_grad_norm); the last good "
+                          f"checkpoint is {checkpoint}")
     opt.step()
     sched.step()
+    return norm.detach()
+
+
+def grad_norm_summary(norms: list[torch.Tensor], max_grad_norm: float) -> dict:
+    """The epoch's gradient norms before clipping: median, largest, and the fraction of steps clipped."""
+    values = torch.stack(norms).float().cpu()
+    row = {"grad_norm_p50": round(values.median().item(), 4), "grad_norm_max": round(values.max().item(), 4)}
+    if max_grad_norm:
+        row["clipped_steps"] = round((values > max_grad_norm).float().mean().item(), 4)
+    return row
 
 
 def restore_checkpoint(path: Path, key: str, states: dict) -> dict | None:
@@ -170,7 +191,7 @@ def fit(distiller: nn.Module, batches: Batches, teacher: Teacher, schedule: Sche
     for epoch in range(start, schedule.epochs):
         model.train()
         how = teacher.begin(epoch)
-        began, sums, names = time.perf_counter(), None, []
+        began, sums, names, norms = time.perf_counter(), None, [], []
         counts = torch.zeros(3, device=device)  # images, right labels, agreement with the teacher
         with ctx.progress(enumerate(batches.epoch(gen)), f"epoch {epoch + 1}/{schedule.epochs}",
                           length=batches.steps_per_epoch) as bar:
@@ -179,7 +200,7 @@ def fit(distiller: nn.Module, batches: Batches, teacher: Teacher, schedule: Sche
                 x_student, t_logits, t_feats = teacher.answer(x, idx)
                 with amp():
                     logits, losses = model(x_student, y, t_logits, t_feats, idx.to(device) if needs_index else None)
-                optimizer_step(sum(losses.values()), opt, sched, epoch, schedule.lr, ckpt_path)
+                norms.append(optimizer_step(sum(losses.values()), opt, sched, epoch, schedule, ckpt_path))
                 values = torch.stack([v.detach().float() for v in losses.values()]) * len(x)
                 sums, names = (values if sums is None else sums + values), list(losses)
                 top = logits.detach().argmax(1)
@@ -197,6 +218,7 @@ def fit(distiller: nn.Module, batches: Batches, teacher: Teacher, schedule: Sche
             row["train_top1"] = round(right / seen, 5)
         if agree:
             row["teacher_agreement"] = round(agree / seen, 5)
+        row.update(grad_norm_summary(norms, schedule.max_grad_norm))
         history.append({**row, "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1),
                         "teacher": how})
         ctx.log(f"[distill] epoch {epoch + 1}/{schedule.epochs} " +
