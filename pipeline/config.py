@@ -62,6 +62,10 @@ class DistillConfig:
     # teacher answers on augmented views: cache (FKD: recorded once per epoch, replayed by later runs) | online
     soft_labels: str = "cache"
     soft_label_topk: int = 16         # logits kept per image in the FKD cache (all of them up to 16 classes)
+    # feature, relation and contrastive methods on un-augmented images: the teacher's features of every training
+    # image are computed once and kept on disk (read through mmap) when they take at most this many GB, instead
+    # of running the teacher every step; 0: always run it
+    feature_cache_gb: float = 4.0
 
 
 @dataclass
@@ -160,6 +164,7 @@ class RunConfig:
             if value <= 0:
                 raise BadInput(f"{name} must be > 0, got {value}")
         for name, value in {"distill.weight_decay": d.weight_decay, "distill.max_grad_norm": d.max_grad_norm,
+                            "distill.feature_cache_gb": d.feature_cache_gb,
                             "verify.warmup_runs": v.warmup_runs,
                             "--max-latency-ms": self.max_latency_ms}.items():
             if value < 0:

@@ -127,6 +127,8 @@ def prepare(method: str, opts: dict, student: nn.Module, teacher: nn.Module | No
     s_layers, t_layers, s_embed, t_embed = [], [], "", ""
     if cls.feature_maps:
         s_layers, t_layers = pair_layers(student, teacher if cls.teacher_features else None, opts, probe)
+        if cls.last_pair_only:
+            s_layers, t_layers = s_layers[-1:], t_layers[-1:]
         setup.student_shapes = setup.student_stage_shapes = shapes_of(student, s_layers, probe)
         setup.teacher_shapes = shapes_of(teacher, t_layers, probe) if t_layers else []
     if cls.embeddings:

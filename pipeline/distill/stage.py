@@ -22,7 +22,7 @@ from .methods import method_options
 from ..errors import BadInput, StageFailed
 from ..modelcheck import check_classifier
 from ..runner import RunContext, Stage, digest
-from . import datafree, trainer
+from . import datafree, feature_cache, trainer
 from .layers import prepare
 from .trainer import Distributed, build_student, device_and_precision
 
@@ -176,8 +176,10 @@ class TeacherAnswers:
 
     def __init__(self, ctx: RunContext, source: DatasetBatches, teachers: list, taps: list, views: Callable | None,
                  online: bool, cached: torch.Tensor | None, soft_labels: softlabels.SoftLabelCache | None, many: bool,
-                 device: torch.device, amp: Callable, dist: Distributed):
+                 device: torch.device, amp: Callable, dist: Distributed,
+                 cached_features: feature_cache.CachedFeatures | None = None):
         self.ctx, self.source, self.teachers, self.taps = ctx, source, teachers, taps
+        self.cached_features = cached_features
         self.views, self.online = views, online
         self.cached, self.soft_labels, self.many, self.device, self.amp, self.dist = (cached, soft_labels, many,
                                                                                       device, amp, dist)
@@ -197,6 +199,7 @@ class TeacherAnswers:
         self.source.views = self.epoch_views  # the batches come augmented
         self.run_teacher = self.online or (self.soft_labels is not None and self.replay is None)
         return ("online" if self.run_teacher else "fkd cache" if self.replay is not None
+                else "cached features" if self.cached_features is not None
                 else "cached logits" if self.cached is not None else "none")
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,6 +211,8 @@ class TeacherAnswers:
         logits, features = None, None
         if self.cached is not None:
             logits = self.cached[:, idx].to(self.device, non_blocking=True)
+            if self.cached_features is not None:
+                features = self.cached_features.take(idx, self.device)
         elif self.replay is not None:
             logits = self.replay.logits(idx).to(self.device, non_blocking=True)
         elif self.run_teacher:
@@ -261,13 +266,20 @@ def train(ctx: RunContext, cls: type, teachers: list[tuple[nn.Module, dict]]) ->
                        ds.y_train, lambda: build_student(ctx), datasets.to_float(ds.x_eval[:2]))
     distiller = prepared.distiller.to(device).to(memory_format=torch.channels_last)
     views = pair_transform(distiller)
-    teacher_online = cls.teacher_features or (views is not None and not distiller.teacher_view_is_input)
     augmenting = conf.augment != "none"
+    cached_features = None
+    if cls.teacher_features and not augmenting and views is None and conf.feature_cache_gb > 0:
+        cached_features = feature_cache.build(ctx, teachers[0][0], prepared.teacher_tap, device, autocast, dist,
+                                              conf.feature_cache_gb)
+    teacher_online = ((cls.teacher_features and cached_features is None)
+                      or (views is not None and not distiller.teacher_view_is_input))
     if augmenting and teachers and conf.soft_labels == "online":
         teacher_online = True
     source = DatasetBatches(ds, conf.batch, dist, device)
     cached, soft_labels = None, None
-    if teachers and not teacher_online and not augmenting:
+    if cached_features is not None:
+        cached = cached_features.logits[None]
+    elif teachers and not teacher_online and not augmenting:
         cached = torch.stack([teacher_logits(ctx, i, m, device, autocast, dist) for i, (m, _) in enumerate(teachers)])
     elif teachers and not teacher_online:  # augmented views: the FKD cache replays or records each epoch
         soft_labels = softlabels.SoftLabelCache(out_dir / "soft_labels", soft_label_key(ctx), len(ds.y_train),
@@ -288,10 +300,10 @@ def train(ctx: RunContext, cls: type, teachers: list[tuple[nn.Module, dict]]) ->
         return torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
 
     answers = TeacherAnswers(ctx, source, teachers, teacher_taps, views, teacher_online, cached, soft_labels,
-                             cls.many_teachers, device, amp, dist)
+                             cls.many_teachers, device, amp, dist, cached_features)
     schedule = trainer.Schedule(conf.epochs, conf.lr, conf.weight_decay, seed, conf.max_grad_norm)
-    history = trainer.fit(distiller, source, answers, schedule, out_dir / "last.ckpt", digest(inputs(ctx)), ctx, device, autocast, dist, model,
-                          cls.needs_index)
+    history = trainer.fit(distiller, source, answers, schedule, out_dir / "last.ckpt", digest(inputs(ctx)), ctx,
+                          device, autocast, dist, model, cls.needs_index)
 
     for tap in teacher_taps:
         tap.remove()

@@ -5,11 +5,14 @@ A method declares what it needs as class attributes, so the trainer builds hooks
 optimised modules only when asked:
 
 - `uses_teacher`: False for schemes without a fixed teacher (the baseline, mutual learning, self-distillation).
-- `teacher_features`: the teacher must be a torch model run every step with feature hooks (feature, relation
-  and contrastive methods); an ONNX teacher is refused. Otherwise the teacher's logits are computed once and
+- `teacher_features`: the teacher must be a torch model with feature hooks (feature, relation and contrastive
+  methods), run every step, or once over the training images when they are not augmented and its features fit
+  the feature cache (distill.feature_cache_gb); an ONNX teacher is refused. Otherwise the teacher's logits are computed once and
   cached, or with augmentation recorded per epoch in the FKD cache (data/softlabels.py).
 - `student_features`: the student's features are captured by hooks: `feature_maps` (paired stage ends) and/or
   `embeddings` (the input of the last linear layer, for relation and contrastive methods).
+- `last_pair_only`: of the paired feature maps the method reads only the last (both models are hooked there
+  only, and a feature cache holds that map alone).
 - `kd_config`: the method takes distill.temperature / distill.alpha (its KD term is Hinton's).
 - `many_teachers`: accepts several teachers (their logits stacked as (K, B, C)); every other method refuses more
   than one.
@@ -77,7 +80,7 @@ class FeatureTap:
                 hint = difflib.get_close_matches(path, list(modules), n=1)
                 raise BadInput(f"no module {path!r} in {type(model).__name__}"
                                f"{f' (did you mean {hint[0]!r}?)' if hint else ''}")
-        self.layers, self.outputs, self.embedding = layers, {}, None
+        self.layers, self.embedding_path, self.outputs, self.embedding = layers, embedding, {}, None
         self.handles = [modules[p].register_forward_hook(self._keep(p)) for p in layers]
         if embedding:
             self.handles.append(modules[embedding].register_forward_pre_hook(self._keep_input))
@@ -111,6 +114,7 @@ class Distiller(nn.Module):
     student_features = False
     feature_maps = False
     embeddings = False
+    last_pair_only = False
     kd_config = False
     many_teachers = False
     needs_index = False

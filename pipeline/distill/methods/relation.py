@@ -67,6 +67,7 @@ class SimilarityPreserving(FeatureDistiller):
 
     name, family, paper = "sp", "relation", "arXiv:1907.09682"
     defaults = {"gamma": 3000.0}
+    last_pair_only = True
 
     def forward_train(self, x, y, teacher_logits=None, teacher=None, index=None):
         logits, feats = self.student_forward(x)
