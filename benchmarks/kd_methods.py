@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf import provenance  # noqa: E402
-from readme import commits, methods_table, shown  # noqa: E402
+from readme import clipping, commits, methods_table, shown  # noqa: E402
 
 from edgecompress import config as cfg  # noqa: E402
 from edgecompress import data, distill, files  # noqa: E402
@@ -51,11 +51,17 @@ SUBSET_IMAGES = 5000
 # two-sided 97.5% quantiles of Student's t, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 # what makes two runs comparable (the rest of the setting records when and where)
-SAME_SETTING = ("setting", "teacher", "student", "epochs", "batch", "lr", "precision", "threads", "train_images",
-                "validation_images", "split_seed")
+SAME_SETTING = ("setting", "teacher", "student", "epochs", "batch", "lr", "max_grad_norm", "precision",
+                "threads", "train_images", "validation_images", "split_seed")
+# what a setting recorded before the key existed ran with
+SETTING_BEFORE_KEY = {"max_grad_norm": 0.0}
 BASELINES = {"cross-modal": {"alpha": 0.0}}  # compared with itself at these options instead of with `none`
 # rows of their own beside a method's defaults: logit standardisation is an option of hinton, measured as a method
 VARIANTS = {"hinton": [{"standardize": "true"}]}
+
+
+def same_setting(saved: dict, setting: dict) -> bool:
+    return all(saved.get(k, SETTING_BEFORE_KEY.get(k)) == setting[k] for k in SAME_SETTING)
 
 
 @torch.inference_mode()
@@ -88,6 +94,7 @@ def distill_config(method: str, options: dict, setting: dict) -> cfg.DistillConf
     d = cfg.DistillConfig()
     d.student, d.method, d.method_opts = setting["student"], method, dict(options)
     d.epochs, d.batch, d.lr, d.precision = setting["epochs"], setting["batch"], setting["lr"], setting["precision"]
+    d.max_grad_norm = setting.get("max_grad_norm", SETTING_BEFORE_KEY["max_grad_norm"])
     return d
 
 
@@ -209,7 +216,7 @@ def markdown(result: dict) -> str:
         f"Teacher `{s['teacher']}` (shipped weights, {s['teacher_test_top1'] * 100:.2f}% test top-1), student "
         f"`{s['student']}`; every method {s['epochs']} epoch(s) on the same {s['train_images']} training images "
         f"(the {s['validation_images']} validation images held out), batch {s['batch']}, OneCycle SGD peak lr "
-        f"{s['lr']}, {s['precision']} precision, seeds {', '.join(map(str, s['seeds']))}; each method with its "
+        f"{s['lr']}, {clipping(s)}, {s['precision']} precision, seeds {', '.join(map(str, s['seeds']))}; each method with its "
         f"defaults (`edgecompress methods`). Test top-1 on the {s['test_images']} test images; gains are paired by "
         f"seed (mean [95% t-interval] in points). Runs at {commits(result['runs'])}; written {s['date']}, "
         f"{s['host']}.", "",
@@ -235,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+",
                         default=[m for m in distillers.METHODS if m != "datafree"])
-    parser.add_argument("--epochs", type=int, default=cfg.DistillConfig().epochs)
+    # the tables' schedule, pinned: 4 epochs was the distill stage's default when they ran (it is 5 since)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=cfg.DistillConfig().batch)
     parser.add_argument("--lr", type=float, default=cfg.DistillConfig().lr)
+    parser.add_argument("--max-grad-norm", type=float, default=0.0)
     parser.add_argument("--precision", default="fp32", help="fp32 by default: bf16 autocast's rounding adds noise")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--student", default=cfg.DistillConfig().student)
@@ -262,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         stem = f"kd_methods-{args.setting}"
     train_idx, val_idx, fashion = splits(args.validation, args.split_seed, args.setting)
     setting = {"setting": args.setting, "teacher": TEACHER, "student": args.student, "epochs": args.epochs,
-               "batch": args.batch, "lr": args.lr, "precision": args.precision, "threads": args.threads,
+               "batch": args.batch, "lr": args.lr, "max_grad_norm": args.max_grad_norm,
+               "precision": args.precision, "threads": args.threads,
                "train_images": len(train_idx), "validation_images": len(val_idx), "split_seed": args.split_seed,
                "test_images": len(fashion.y_eval), "seeds": args.seeds, "commit": commit(),
                "schedule": "OneCycle (the distill stage's), SGD Nesterov momentum 0.9, weight decay "
@@ -274,14 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     for earlier in (partial_path, args.out / f"{stem}.json"):
         if earlier.is_file():
             saved = json.loads(earlier.read_text())
-            if all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
+            if same_setting(saved["setting"], setting):
                 runs = saved["runs"]
                 break
     done = {run_key(r) for r in runs}
     for other in args.runs_from:
         for earlier in (other / f"{stem}.partial.json", other / f"{stem}.json"):
             saved = json.loads(earlier.read_text()) if earlier.is_file() else None
-            if saved and all(saved["setting"].get(k) == setting[k] for k in SAME_SETTING):
+            if saved and same_setting(saved["setting"], setting):
                 runs += [r for r in saved["runs"] if run_key(r) not in done]
                 done = {run_key(r) for r in runs}
     work = Path(tempfile.mkdtemp(prefix="kd_methods_"))

@@ -440,7 +440,7 @@ def kd_methods(results: Path) -> str:
                        f"top-1), "
                        f"student `{s['student']}`, every method {s['epochs']} epochs on the same "
                        f"{s['train_images']:,} training images, batch {s['batch']}, OneCycle SGD peak lr {s['lr']}, "
-                       f"{s['precision']}, seeds {', '.join(map(str, s['seeds']))} (each row's count in its own "
+                       f"{clipping(s)}, {s['precision']}, seeds {', '.join(map(str, s['seeds']))} (each row's count in its own "
                        f"column); each method with its defaults. "
                        f"Test top-1 on {s['test_images']:,} images; gains paired by seed, mean [95% t-interval] in "
                        f"points (runs at {commits(m['runs'])}; "
@@ -450,6 +450,12 @@ def kd_methods(results: Path) -> str:
     if not lines:
         lines = ["Not measured yet on today's methods."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def clipping(setting: dict) -> str:
+    """How a methods table's runs clipped the gradient (settings recorded before the option ran without)."""
+    norm = setting.get("max_grad_norm", 0.0)
+    return f"gradient norm clipped at {norm:g}" if norm else "no gradient clipping"
 
 
 def methods_table(rows: list[dict], agreement: bool = False) -> list[str]:

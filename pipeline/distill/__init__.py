@@ -1,5 +1,6 @@
 """The distill stage (stage.py), its one training loop (trainer.py), the layers feature methods compare
-(layers.py) and data-free distillation (datafree.py); the methods themselves are in methods/ (edgecompress.distill.methods)."""
+(layers.py), the teacher's features computed once for them (feature_cache.py) and data-free distillation
+(datafree.py); the methods themselves are in methods/ (edgecompress.distill.methods)."""
 from .layers import Prepared, pair_layers, prepare, shapes_of, stage_ends, unwrap
 from .stage import (STAGE, TeacherAnswers, inputs, load_teachers, pair_transform, run, soft_label_key, teacher_logits,
                     teacher_specs)
