@@ -28,7 +28,7 @@ class CRD(RelationDistiller):
     Embeddings are projected (linear, 128-d, L2-normalised) and contrasted against memory banks holding every
     training sample's last projected embedding (updated with momentum 0.5):
     L = CE(z_s, y) + beta * (NCE(g_s(s), bank_t) + NCE(g_t(t), bank_s)), tau = 0.07, K = 16384 negatives (the
-    paper); beta = 0.2, not the paper's 0.8: tuned on the validation split for this product's short schedule (4
+    paper); beta = 0.2, not the paper's 0.8: tuned on the validation split for the tuning's short schedule (4
     epochs, OneCycle to lr 0.2; benchmarks/results/kd_tuning-crd-subset.json). NCE here is the softmax (InfoNCE)
     form over 1 positive + the negatives (crd_contrast), not the paper's NCE with a fixed normaliser. The
     negatives are drawn from the bank once per batch and shared by its anchors, so the cost is one (B x d) @

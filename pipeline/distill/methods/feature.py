@@ -18,7 +18,7 @@ class FitNet(FeatureDistiller):
     conv + BN + ReLU, as mdistiller's ConvReg (the paper's regressor is a convolution; the BN and ReLU are the
     reference code's), a 1x1 conv (the pairing gives maps of one spatial size). Trained in one stage with CE, as
     mdistiller does; the paper's two-stage schedule (hints first, then KD) is not reproduced. weight 0.1, not
-    mdistiller's CIFAR 100: tuned on the validation split for this product's short schedule (4 epochs, OneCycle
+    mdistiller's CIFAR 100: tuned on the validation split for the tuning's short schedule (4 epochs, OneCycle
     to lr 0.2; benchmarks/results/kd_tuning-fitnet-subset.json), where every weight from 10 up trains the student
     below the student alone.
     """
@@ -55,7 +55,7 @@ class AttentionTransfer(FeatureDistiller):
     Q = normalize(vec(mean_c |F|^p)), p = 2, over every paired stage end. The paper writes
     beta / 2 * sum_j || Q_s^j - Q_t^j ||_p; the authors' code, RepDistiller and mdistiller apply beta = 1000 to the
     mean squared difference without the 1/2, as done here. beta = 30, not 1000: tuned on the validation split for
-    this product's short schedule (4 epochs, OneCycle to lr 0.2; benchmarks/results/kd_tuning-at-subset.json),
+    the tuning's short schedule (4 epochs, OneCycle to lr 0.2; benchmarks/results/kd_tuning-at-subset.json),
     where 1000 trains the student far below the student alone.
     """
 

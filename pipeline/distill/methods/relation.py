@@ -36,7 +36,7 @@ class RKD(RelationDistiller):
     L = CE(z_s, y) + w_d * sum huber(psi_D(s_i, s_j) - psi_D(t_i, t_j)) + w_a * sum huber(psi_A(s_i, s_j, s_k) -
     psi_A(t_i, t_j, t_k)); psi_D: pairwise distance divided by the batch's mean distance, psi_A: cosine of the
     angle at s_j; on the embeddings (penultimate features). w_d = 2.5, w_a = 5, a tenth of the paper's 25 and 50:
-    tuned on the validation split for this product's short schedule (4 epochs, OneCycle to lr 0.2;
+    tuned on the validation split for the tuning's short schedule (4 epochs, OneCycle to lr 0.2;
     benchmarks/results/kd_tuning-rkd-subset.json).
     """
 

@@ -71,8 +71,8 @@ class DKD(Distiller):
 
     L = CE(z_s, y) + w(t) * (alpha * TCKD + beta * NCKD), alpha = 1, T = 4 (the paper's CIFAR setting); w(t) ramps
     linearly from 0 to 1 over the first warmup fraction of training (the paper: 20 of 240 epochs). beta = 2, not
-    the paper's 8: tuned on the validation split (benchmarks/results/kd_tuning-dkd-subset.json), because on this
-    product's short schedule (4 epochs, OneCycle to lr 0.2) beta 8 diverges (the student ends near chance on some
+    the paper's 8: tuned on the validation split (benchmarks/results/kd_tuning-dkd-subset.json), because on the
+    tuning's short schedule (4 epochs, OneCycle to lr 0.2) beta 8 diverges (the student ends near chance on some
     seeds) and 4 trains far worse. standardize=true standardises both logits first (logit standardisation, Sun et
     al., CVPR 2024, whose code applies it before the target mask; its recipe: T = 2, alpha and beta times 9).
     Less robust than Hinton KD at the default peak lr 0.2 (why it is not the default, README): NCKD lacks KD's
