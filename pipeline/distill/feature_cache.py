@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .. import data as datasets
-from .. import files
 from ..errors import StageFailed
 from ..runner import RunContext, digest
+from . import trainer
 from .methods.base import Features, FeatureTap
 from .trainer import Distributed
 
@@ -54,7 +54,7 @@ def bytes_per_image(model: nn.Module, tap: FeatureTap, x_one: torch.Tensor, devi
 @torch.inference_mode()
 def build(ctx: RunContext, model: nn.Module, tap: FeatureTap, device: torch.device, autocast: torch.dtype | None,
           dist: Distributed, limit_gb: float) -> CachedFeatures | None:
-    """The cache for `tap`'s layers, loaded or computed (by rank 0); None when it would exceed `limit_gb`."""
+    """The cache for `tap`'s layers, loaded or computed; None when it would exceed `limit_gb`."""
     x_all = ctx.data.x_train
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     total = bytes_per_image(model, tap, x_all[:1], device, autocast) * len(x_all)
@@ -66,27 +66,13 @@ def build(ctx: RunContext, model: nn.Module, tap: FeatureTap, device: torch.devi
     key = digest({"seed": ctx.config.seed, "data": ctx.data.sha256_16, **ctx.teacher_inputs, "layers": tap.layers,
                   "embedding": tap.embedding_path, "autocast": str(autocast)})
 
-    def cached() -> CachedFeatures | None:
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if saved.get("key") == key:
-                return CachedFeatures(saved["logits"], saved["maps"], saved["embedding"])
-        return None
-
-    if not dist.writer:
-        dist.barrier()  # rank 0 computes and writes them meanwhile
-        return cached()
-    found = cached()
-    if found is None:
-        found = compute(ctx, model, tap, device, autocast)
-        with files.atomic_path(path) as tmp:
-            torch.save({"key": key, "logits": found.logits, "maps": found.maps, "embedding": found.embedding}, tmp)
-    dist.barrier()
-    return found
+    saved = trainer.computed_once(path, key, lambda: compute(ctx, model, tap, device, autocast), dist)
+    return CachedFeatures(saved["logits"], saved["maps"], saved["embedding"])
 
 
 def compute(ctx: RunContext, model: nn.Module, tap: FeatureTap, device: torch.device,
-            autocast: torch.dtype | None) -> CachedFeatures:
+            autocast: torch.dtype | None) -> dict:
+    """One teacher pass over the training images: {"logits", "maps", "embedding"}, all images in order."""
     x_all = ctx.data.x_train
     batch = datasets.inference_batch(x_all, 500)
     logits, maps, embedding = None, [], None
@@ -106,4 +92,4 @@ def compute(ctx: RunContext, model: nn.Module, tap: FeatureTap, device: torch.de
                 embedding[rows] = feats.embedding.cpu()
     if not torch.isfinite(logits).all():
         raise StageFailed("the teacher gives NaN or Inf logits on the training data: check its weights")
-    return CachedFeatures(logits, maps, embedding)
+    return {"logits": logits, "maps": maps, "embedding": embedding}

@@ -71,33 +71,21 @@ def teacher_logits(ctx: RunContext, which: int, model: nn.Module, device: torch.
         key = digest({"seed": ctx.config.seed, "data": ctx.data.sha256_16, "teacher": deps[f"teacher{which}"],
                       "teacher_weights": deps[f"teacher{which}_weights"]})
 
-    def cached() -> torch.Tensor | None:
-        if cache.is_file():
-            saved = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)  # large for many classes
-            if saved.get("key") == key:
-                return saved["logits"]
-        return None
-
-    if not dist.writer:
-        dist.barrier()  # rank 0 computes and writes them meanwhile
-        return cached()
-    logits = cached()
-    if logits is None:
-        model = model.to(device).to(memory_format=torch.channels_last)
+    def compute() -> dict:
+        teacher = model.to(device).to(memory_format=torch.channels_last)
         x_all, out = ctx.data.x_train, []
         batch = datasets.inference_batch(x_all, 500)
         with ctx.progress(range(0, len(x_all), batch), f"teacher {which} logits") as bar:
             for i in bar:
                 x = datasets.to_float(x_all[i:i + batch]).to(device).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    out.append(model(x).float().cpu())
+                    out.append(teacher(x).float().cpu())
         logits = torch.cat(out)
         if not torch.isfinite(logits).all():
             raise StageFailed("the teacher gives NaN or Inf logits on the training data: check its weights")
-        with files.atomic_path(cache) as tmp:
-            torch.save({"key": key, "logits": logits}, tmp)
-    dist.barrier()
-    return logits
+        return {"logits": logits}
+
+    return trainer.computed_once(cache, key, compute, dist)["logits"]
 
 
 def soft_label_key(ctx: RunContext) -> str:

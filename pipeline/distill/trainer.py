@@ -149,6 +149,29 @@ def grad_norm_summary(norms: list[torch.Tensor], max_grad_norm: float) -> dict:
     return row
 
 
+def computed_once(path: Path, key: str, compute: Callable[[], dict], dist: Distributed) -> dict:
+    """The tensors saved at `path` under `key` (read through mmap: they can be large), or `compute()`'s, saved
+    there atomically. Rank 0 computes and writes them while the other ranks wait, then read its file."""
+
+    def cached() -> dict | None:
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if saved.get("key") == key:
+                return saved
+        return None
+
+    if not dist.writer:
+        dist.barrier()
+        return cached()
+    found = cached()
+    if found is None:
+        found = {"key": key, **compute()}
+        with files.atomic_path(path) as tmp:
+            torch.save(found, tmp)
+    dist.barrier()
+    return found
+
+
 def restore_checkpoint(path: Path, key: str, states: dict) -> dict | None:
     """Load each object in `states` (anything with load_state_dict, or a torch.Generator) from the checkpoint at
     `path` when it was written under `key` and holds them all; None otherwise, so the trainer starts over."""
