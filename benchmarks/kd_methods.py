@@ -94,7 +94,7 @@ def distill_config(method: str, options: dict, setting: dict) -> cfg.DistillConf
     d = cfg.DistillConfig()
     d.student, d.method, d.method_opts = setting["student"], method, dict(options)
     d.epochs, d.batch, d.lr, d.precision = setting["epochs"], setting["batch"], setting["lr"], setting["precision"]
-    d.max_grad_norm = setting.get("max_grad_norm", SETTING_BEFORE_KEY["max_grad_norm"])
+    d.max_grad_norm = setting["max_grad_norm"]
     return d
 
 
@@ -216,8 +216,8 @@ def markdown(result: dict) -> str:
         f"Teacher `{s['teacher']}` (shipped weights, {s['teacher_test_top1'] * 100:.2f}% test top-1), student "
         f"`{s['student']}`; every method {s['epochs']} epoch(s) on the same {s['train_images']} training images "
         f"(the {s['validation_images']} validation images held out), batch {s['batch']}, OneCycle SGD peak lr "
-        f"{s['lr']}, {clipping(s)}, {s['precision']} precision, seeds {', '.join(map(str, s['seeds']))}; each method with its "
-        f"defaults (`edgecompress methods`). Test top-1 on the {s['test_images']} test images; gains are paired by "
+        f"{s['lr']}, {clipping(s)}, {s['precision']} precision, seeds {', '.join(map(str, s['seeds']))}; each "
+        f"method with its defaults (`edgecompress methods`). Test top-1 on the {s['test_images']} test images; gains are paired by "
         f"seed (mean [95% t-interval] in points). Runs at {commits(result['runs'])}; written {s['date']}, "
         f"{s['host']}.", "",
         *methods_table(result["methods"], agreement=True)]

@@ -150,8 +150,9 @@ def grad_norm_summary(norms: list[torch.Tensor], max_grad_norm: float) -> dict:
 
 
 def computed_once(path: Path, key: str, compute: Callable[[], dict], dist: Distributed) -> dict:
-    """The tensors saved at `path` under `key` (read through mmap: they can be large), or `compute()`'s, saved
-    there atomically. Rank 0 computes and writes them while the other ranks wait, then read its file."""
+    """The tensors saved at `path` under `key`, read through mmap (they can be large: the writer too reads them
+    back rather than keep its computed copy in memory for the whole run), after `compute()` and an atomic save
+    when the file is missing or stale. Rank 0 computes and writes them while the other ranks wait."""
 
     def cached() -> dict | None:
         if path.is_file():
@@ -165,9 +166,9 @@ def computed_once(path: Path, key: str, compute: Callable[[], dict], dist: Distr
         return cached()
     found = cached()
     if found is None:
-        found = {"key": key, **compute()}
         with files.atomic_path(path) as tmp:
-            torch.save(found, tmp)
+            torch.save({"key": key, **compute()}, tmp)
+        found = cached()
     dist.barrier()
     return found
 

@@ -7,8 +7,8 @@ optimised modules only when asked:
 - `uses_teacher`: False for schemes without a fixed teacher (the baseline, mutual learning, self-distillation).
 - `teacher_features`: the teacher must be a torch model with feature hooks (feature, relation and contrastive
   methods), run every step, or once over the training images when they are not augmented and its features fit
-  the feature cache (distill.feature_cache_gb); an ONNX teacher is refused. Otherwise the teacher's logits are computed once and
-  cached, or with augmentation recorded per epoch in the FKD cache (data/softlabels.py).
+  the feature cache (distill.feature_cache_gb); an ONNX teacher is refused. Otherwise the teacher's logits are
+  computed once and cached, or with augmentation recorded per epoch in the FKD cache (data/softlabels.py).
 - `student_features`: the student's features are captured by hooks: `feature_maps` (paired stage ends) and/or
   `embeddings` (the input of the last linear layer, for relation and contrastive methods).
 - `last_pair_only`: of the paired feature maps the method reads only the last (both models are hooked there
